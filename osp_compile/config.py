@@ -1,0 +1,135 @@
+"""`OSPConfig`: what the compiler is asked to do, and the hybrid full/sparse layout it implies.
+
+The field names are a public contract (issues fix them); everything that derives from them, such as
+which attention site is full, token-wise or group-wise, is computed here and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import OSPConfigError
+
+SITE_LAYOUTS = ("full", "token", "group")
+NAMED_LAYOUTS = ("dual_end", "uniform", "all_sparse", "dense")
+TARGETS = ("auto", "cpu", "cuda", "npu")
+UNSUPPORTED_POLICIES = ("error", "skip")
+
+
+@dataclass
+class OSPConfig:
+    """Options of one conversion.
+
+    sparse_ratio: P, the per-axis sparse ratio; P*P subsequences per frame grid.
+    layout: a named hybrid layout (``dual_end``, ``uniform``, ``all_sparse``, ``dense``) or one entry
+        (``full``/``token``/``group``) per video self-attention site, in call order.
+    num_full_blocks: F, how many sites stay full for the named layouts ``dual_end`` and ``uniform``.
+    grid: (T, H, W) token grid; overrides what the analysis infers from the patch embedding.
+    target: ``auto`` (the device of the inputs), ``cpu``, ``cuda`` or ``npu``.
+    on_unsupported: ``error`` raises when a site cannot be proven convertible; ``skip`` leaves it
+        dense and says so in the report.
+    """
+
+    sparse_ratio: int = 2
+    layout: str | list[str] = "dual_end"
+    num_full_blocks: int = 8
+    grid: tuple[int, int, int] | None = None
+    target: str = "auto"
+    on_unsupported: str = "error"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layout, tuple):
+            self.layout = list(self.layout)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check what can be checked without the model; `resolve_layout` checks the rest."""
+        p = self.sparse_ratio
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise OSPConfigError(f"sparse_ratio must be an integer >= 1, got {p!r}.")
+        if isinstance(self.layout, str):
+            if self.layout not in NAMED_LAYOUTS:
+                raise OSPConfigError(
+                    f"unknown layout {self.layout!r}: use one of {', '.join(NAMED_LAYOUTS)}, or a list "
+                    f"with one of {SITE_LAYOUTS} per video self-attention site."
+                )
+        elif isinstance(self.layout, list):
+            for i, entry in enumerate(self.layout):
+                if entry not in SITE_LAYOUTS:
+                    raise OSPConfigError(
+                        f"layout[{i}] = {entry!r} is not a site layout: each entry must be one of "
+                        f"{', '.join(SITE_LAYOUTS)}."
+                    )
+        else:
+            raise OSPConfigError(f"layout must be a string or a list of strings, got {type(self.layout).__name__}.")
+        f = self.num_full_blocks
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise OSPConfigError(f"num_full_blocks must be an integer >= 0, got {f!r}.")
+        if self.grid is not None:
+            grid = tuple(self.grid)
+            if len(grid) != 3 or not all(isinstance(g, int) and g >= 1 for g in grid):
+                raise OSPConfigError(f"grid must be three positive integers (T, H, W), got {self.grid!r}.")
+            self.grid = grid  # type: ignore[assignment]
+        if self.target not in TARGETS:
+            raise OSPConfigError(f"unknown target {self.target!r}: use one of {', '.join(TARGETS)}.")
+        if self.on_unsupported not in UNSUPPORTED_POLICIES:
+            raise OSPConfigError(
+                f"on_unsupported must be one of {', '.join(UNSUPPORTED_POLICIES)}, got {self.on_unsupported!r}."
+            )
+
+    def replace(self, **changes) -> "OSPConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "OSPConfig":
+        """Build from a torch.compile ``options`` dict, ignoring the keys that are not config fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (options or {}).items() if k in names})
+
+    def resolve_layout(self, num_sites: int) -> list[str]:
+        """The layout of each of `num_sites` video self-attention sites, in call order."""
+        return resolve_layout(self.layout, num_sites, self.num_full_blocks)
+
+
+def _alternating(n: int) -> list[str]:
+    return ["token" if i % 2 == 0 else "group" for i in range(n)]
+
+
+def resolve_layout(layout: str | Sequence[str], num_sites: int, num_full_blocks: int) -> list[str]:
+    """Expand a named layout to one entry per site.
+
+    dual_end: the first F/2 and last F/2 sites full (an odd F gives the extra one to the front),
+    the sites between alternate token, group, token, ... starting with token.
+    uniform: F full sites spread evenly (site round((i + 0.5) * N / F) - rounded down), the others
+    alternating token/group in order.
+    """
+    n = num_sites
+    if not isinstance(layout, str):
+        entries = list(layout)
+        if len(entries) != n:
+            raise OSPConfigError(
+                f"layout lists {len(entries)} entries but the model has {n} video self-attention sites: "
+                f"give exactly one of {SITE_LAYOUTS} per site, in call order."
+            )
+        return entries
+    if layout == "dense":
+        return ["full"] * n
+    if layout == "all_sparse":
+        return _alternating(n)
+    f = num_full_blocks
+    if f > n:
+        raise OSPConfigError(
+            f"num_full_blocks={f} is larger than the number of video self-attention sites ({n}): "
+            f"use num_full_blocks <= {n}, or layout='dense'."
+        )
+    if layout == "dual_end":
+        front = (f + 1) // 2
+        back = f - front
+        sparse = _alternating(n - f)
+        return ["full"] * front + sparse + ["full"] * back
+    if layout == "uniform":
+        full = {min(n - 1, int((i + 0.5) * n / f)) for i in range(f)} if f else set()
+        sparse = iter(_alternating(n - len(full)))
+        return ["full" if i in full else next(sparse) for i in range(n)]
+    raise OSPConfigError(f"unknown layout {layout!r}")
