@@ -2,9 +2,10 @@
 
 Public API: `convert`, `OSPConfig`, and the torch.compile backend ``"osp"``.
 """
+from . import ops  # noqa: F401  (registers the osp:: operators)
 from .config import OSPConfig
-from .convert import convert
+from .convert import OSPModule, convert
 from .errors import OSPAnalysisError, OSPConfigError, OSPError, OSPUnsupportedError
 
 __version__ = "0.1.0"
-__all__ = ["convert", "OSPConfig", "OSPError", "OSPConfigError", "OSPAnalysisError", "OSPUnsupportedError"]
+__all__ = ["convert", "OSPConfig", "OSPModule", "OSPError", "OSPConfigError", "OSPAnalysisError", "OSPUnsupportedError"]

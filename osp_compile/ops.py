@@ -1,0 +1,38 @@
+"""Target-neutral operators that the passes insert (namespace ``osp``).
+
+They are registered with `torch.library` as CompositeImplicitAutograd: in a Dynamo/FX graph each is
+one readable node that lowering can map to a kernel per target, while autograd, FakeTensor tracing
+and Inductor see their plain-torch decomposition (so backward and fusion come for free and exact).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .skiparse_layout import fold, key_padding_mask, unfold
+
+_lib = torch.library.Library("osp", "DEF")
+
+_lib.define(
+    "skiparse_attention(Tensor q, Tensor k, Tensor v, SymInt T, SymInt H, SymInt W, int P, str pattern, "
+    "float dropout_p=0.0, float? scale=None, bool enable_gqa=False) -> Tensor"
+)
+
+
+@torch.library.impl(_lib, "skiparse_attention", "CompositeImplicitAutograd")
+def _skiparse_attention(q, k, v, T, H, W, P, pattern, dropout_p=0.0, scale=None, enable_gqa=False):
+    """Skiparse-2D self-attention on [B, heads, T*H*W, D] tensors (SDPA layout).
+
+    Folds the P*P subsequences into the batch, runs dense attention inside each (padded keys
+    masked out), and unfolds. Equal to dense attention under the mask sid(i) == sid(j).
+    """
+    grid = (T, H, W)
+    qf, kf, vf = (fold(t, -2, grid, P, pattern) for t in (q, k, v))
+    mask = key_padding_mask(grid, P, pattern, q.shape[0], q.device)
+    out = F.scaled_dot_product_attention(
+        qf, kf, vf, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
+    )
+    return unfold(out, -2, grid, P, pattern)
+
+
+skiparse_attention = torch.ops.osp.skiparse_attention.default

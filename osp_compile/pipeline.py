@@ -1,0 +1,100 @@
+"""The pass manager: runs the passes on each captured graph and keeps what they report.
+
+A *session* spans one conversion (or one `torch.compile(backend="osp")` wrapper): it numbers the
+video self-attention sites across graphs in call order, so that a model split by graph breaks gets
+the same layout as one graph. Sites are keyed by where they are in the model (module path and source
+line), so a recompilation (new shapes, grad mode) finds its sites again instead of numbering anew.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.fx as fx
+
+from .config import OSPConfig
+from .errors import OSPConfigError
+from .report import OSPReport, PassReport
+
+
+class SiteCountNeeded(OSPConfigError):
+    """A graph break split the sites after the layout was fixed from an earlier graph's count."""
+
+
+@dataclass
+class SiteRegistry:
+    """Global numbering of video self-attention sites, and the layout each one gets."""
+
+    config: OSPConfig
+    num_sites: int | None = None  # known total (pre-counted by convert, or given as an option)
+    keys: dict[tuple, int] = field(default_factory=dict)
+    grid: tuple | None = None  # the grid an earlier graph found, for graphs that lack the embedding
+    _layouts: list[str] | None = None
+
+    def index_of(self, key: tuple) -> int:
+        if key not in self.keys:
+            if self._layouts is not None and self.num_sites is not None and len(self.keys) >= self.num_sites:
+                raise SiteCountNeeded(
+                    f"a new video self-attention site appeared after the layout was fixed for {self.num_sites} "
+                    f"site(s): the model has graph breaks between attention sites. Pass the total as "
+                    f"options={{'num_sites': N}} (or an explicit layout list), or use osp_compile.convert(), "
+                    f"which counts the sites first."
+                )
+            self.keys[key] = len(self.keys)
+        return self.keys[key]
+
+    def layouts(self, graph_site_count: int) -> list[str]:
+        """The layout table; fixed on first use (from `num_sites`, else this graph's sites)."""
+        if self._layouts is None:
+            if self.num_sites is None:
+                self.num_sites = len(self.keys) if self.keys else graph_site_count
+            self._layouts = self.config.resolve_layout(self.num_sites)
+        return self._layouts
+
+
+def site_key(node: fx.Node) -> tuple:
+    """Where an attention call sits in the model: innermost module path and user source line."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        last = list(stack.values())[-1]
+        path = str(last[0] if isinstance(last, tuple) else last)
+        path = re.sub(r"L\['self'\]\.?|L__self__\.?", "", path)
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    line = f"{frames[-1][0].rsplit('/', 1)[-1]}:{frames[-1][1]}" if frames else ""
+    return (path, line)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read and record: the config, the session and the analysis of this graph."""
+
+    config: OSPConfig
+    registry: SiteRegistry
+    report: OSPReport
+    analysis: object | None = None
+
+
+GraphPass = Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, PassReport]]
+
+
+def default_passes() -> list[GraphPass]:
+    from passes.canonicalize_attention import canonicalize_attention_pass
+    from passes.analysis import analysis_pass
+    from passes.skiparse import skiparse_pass
+
+    return [canonicalize_attention_pass, analysis_pass, skiparse_pass]
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[GraphPass] | None = None) -> fx.GraphModule:
+    """Run each pass in order; each returns the (rewritten) graph and its report."""
+    graph_reports = []
+    for p in passes if passes is not None else default_passes():
+        gm, rep = p(gm, ctx)
+        graph_reports.append(rep)
+    gm.graph.lint()
+    gm.recompile()
+    ctx.report.add_graph(gm, graph_reports)
+    return gm

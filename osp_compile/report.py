@@ -1,0 +1,140 @@
+"""`osp_report`: what every pass did, per attention site and per graph, as data and as text tables."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+
+@dataclass
+class PassReport:
+    """What one pass did to one graph: a one-line summary and any rows worth a table."""
+
+    name: str
+    summary: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class SiteRow:
+    """One attention call of the model, as the passes left it."""
+
+    where: str
+    kind: str
+    index: int | None
+    layout: str
+    batch: int
+    heads: int
+    tokens: int
+    kv_tokens: int
+    head_dim: int
+    grid: tuple | None
+    subsequence_len: int | None
+    flops_before: int
+    flops_after: int
+    decision: str
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(none)"
+    columns = columns or list(rows[0])
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) if v[:1].isdigit() else v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def human_flops(n: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+@dataclass
+class GraphRecord:
+    code: str
+    passes: list[PassReport]
+
+
+class OSPReport:
+    """Collected over every graph of one session; `str(report)` prints the tables."""
+
+    def __init__(self) -> None:
+        self.sites: dict[tuple, SiteRow] = {}
+        self.graphs: list[GraphRecord] = []
+
+    # -- recording -------------------------------------------------------------------------------
+    def record_site(self, key: tuple, row: SiteRow) -> None:
+        self.sites[key] = row
+
+    def add_graph(self, gm: fx.GraphModule, passes: list[PassReport]) -> None:
+        self.graphs.append(GraphRecord(gm.code, passes))
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def site_rows(self) -> list[SiteRow]:
+        return list(self.sites.values())
+
+    @property
+    def video_sites(self) -> list[SiteRow]:
+        return sorted((s for s in self.sites.values() if s.kind == "video_self"), key=lambda s: s.index)
+
+    @property
+    def layout(self) -> list[str]:
+        return [s.layout for s in self.video_sites]
+
+    def attention_flops(self) -> tuple[int, int]:
+        rows = self.site_rows
+        return sum(r.flops_before for r in rows), sum(r.flops_after for r in rows)
+
+    def sites_table(self) -> str:
+        rows = []
+        for s in self.site_rows:
+            rows.append({
+                "site": "-" if s.index is None else s.index,
+                "kind": s.kind,
+                "layout": s.layout,
+                "tokens": s.tokens,
+                "kv": s.kv_tokens,
+                "subseq": s.subsequence_len or "-",
+                "attn FLOPs before": human_flops(s.flops_before),
+                "after": human_flops(s.flops_after),
+                "where": s.where,
+            })
+        return format_table(rows)
+
+    def summary(self) -> str:
+        before, after = self.attention_flops()
+        n = len(self.video_sites)
+        sparse = sum(1 for s in self.video_sites if s.layout in ("token", "group"))
+        ratio = f"{before / after:.2f}x fewer" if after else "n/a"
+        return (
+            f"{len(self.sites)} attention call(s), {n} video self-attention site(s), {sparse} made sparse; "
+            f"attention FLOPs {human_flops(before)} -> {human_flops(after)} ({ratio})"
+        )
+
+    def passes_text(self) -> str:
+        lines = []
+        for i, g in enumerate(self.graphs):
+            for p in g.passes:
+                lines.append(f"graph {i} · {p.name}: {p.summary}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "summary": self.summary(),
+            "sites": [asdict(s) for s in self.site_rows],
+            "graphs": [{"passes": [asdict(p) for p in g.passes]} for g in self.graphs],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __str__(self) -> str:
+        return f"{self.summary()}\n\n{self.sites_table()}\n\n{self.passes_text()}"
+
+    __repr__ = __str__

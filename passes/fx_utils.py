@@ -1,0 +1,112 @@
+"""Small helpers every pass needs: shapes of FX nodes (static or symbolic), argument lookup, op names."""
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+
+
+def meta_value(node: Any) -> Any:
+    """The example value of a node (Dynamo's `example_value`, or make_fx/export's `val`)."""
+    if not isinstance(node, fx.Node):
+        return node
+    if "example_value" in node.meta:
+        return node.meta["example_value"]
+    return node.meta.get("val")
+
+
+def shape_of(node: Any) -> tuple | None:
+    v = meta_value(node)
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape)
+    return None
+
+
+def to_expr(n: Any) -> sympy.Expr:
+    if isinstance(n, torch.SymInt):
+        return n.node.expr
+    return sympy.Integer(int(n))
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Equality of two sizes, proven symbolically where they are SymInts (no guards added)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.simplify(to_expr(a) - to_expr(b)) == 0
+
+
+def product(sizes: Sequence[Any]) -> Any:
+    return math.prod(sizes, start=1)
+
+
+def hint(n: Any) -> int:
+    """A concrete value of a size (the example value's hint when symbolic)."""
+    if isinstance(n, torch.SymInt):
+        return int(n.node.hint) if n.node.hint is not None else int(n.node.expr)
+    return int(n)
+
+
+def op_name(node: fx.Node) -> str:
+    """A readable, stable name of what a node calls: 'linear', 'add', 'method:view', 'module:Linear'."""
+    t = node.target
+    if node.op == "call_method":
+        return f"method:{t}"
+    if node.op == "call_module":
+        return f"module:{t}"
+    if node.op == "call_function":
+        if t in (operator.getitem,):
+            return "getitem"
+        name = getattr(t, "__name__", None) or str(t)
+        if isinstance(t, torch._ops.OpOverload):
+            name = t._schema.name.split("::")[-1]
+        elif isinstance(t, torch._ops.OpOverloadPacket):
+            name = t._qualified_op_name.split("::")[-1]
+        return name
+    return node.op
+
+
+_SIGNATURES: dict[Any, list[str]] = {
+    "scaled_dot_product_attention": ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"],
+}
+
+
+def call_args(node: fx.Node, names: Sequence[str], defaults: dict | None = None) -> dict:
+    """Positional and keyword arguments of a call, by parameter name."""
+    out = dict(defaults or {})
+    args = list(node.args)  # for call_method, args[0] is self and binds to the first name
+    for name, value in zip(names, args):
+        out[name] = value
+    for key, value in node.kwargs.items():
+        out[key] = value
+    return out
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and op_name(node) in (
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ) and not isinstance(node.target, torch._ops.OpOverload)
+
+
+def sdpa_args(node: fx.Node) -> dict:
+    return call_args(
+        node,
+        _SIGNATURES["scaled_dot_product_attention"],
+        {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
+    )
+
+
+def normalize_dim(d: int, ndim: int) -> int:
+    return d % ndim if ndim else d
+
+
+def callable_params(fn: Callable) -> list[str]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []

@@ -1,0 +1,75 @@
+"""Skiparse-2D pass: at each video self-attention site laid out `token` or `group`, replace the dense
+attention by `osp::skiparse_attention` (pad H and W to multiples of P*P, fold the P*P subsequences
+into the batch, run the same dense attention with padded keys masked, undo).
+
+RoPE needs nothing here: the call sits after RoPE, so every token keeps its original position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from osp_compile.errors import OSPUnsupportedError
+from osp_compile.ops import skiparse_attention
+from osp_compile.report import PassReport
+from osp_compile.skiparse_layout import check_fits, subsequence_length
+from .fx_utils import hint, sdpa_args
+
+
+def _grid_args(g: fx.Graph, site) -> list:
+    """The grid as call arguments: ints, or `size()` nodes of the patch-embedding output if symbolic."""
+    out = []
+    for i, n in enumerate(site.grid):
+        if isinstance(n, int):
+            out.append(n)
+        else:
+            out.append(g.call_method("size", (site.origin, 2 + i)))
+    return out
+
+
+def _unsupported_reason(a: dict) -> str | None:
+    if a["attn_mask"] is not None:
+        return "the attention call has an attn_mask"
+    if a["is_causal"]:
+        return "the attention call is causal"
+    return None
+
+
+def skiparse_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
+    cfg, an = ctx.config, ctx.analysis
+    p = cfg.sparse_ratio
+    g = gm.graph
+    rows, rewritten = [], 0
+    for site in an.video_sites:
+        row = ctx.report.sites[site.key]
+        if site.layout == "full":
+            row.decision = "full attention (layout)"
+            continue
+        a = sdpa_args(site.node)
+        reason = _unsupported_reason(a)
+        if reason is not None:
+            msg = f"site {site.index} (node '{site.node.name}', {row.where}): {reason}; Skiparse cannot keep its meaning."
+            if cfg.on_unsupported == "error":
+                raise OSPUnsupportedError(msg + " Use layout 'full' there or OSPConfig(on_unsupported='skip').")
+            row.decision, row.layout = f"kept dense: {reason}", "full"
+            continue
+        grid_hint = tuple(hint(x) for x in site.grid)
+        check_fits(grid_hint, p, site.layout, where=f" at site {site.index} (node '{site.node.name}')")
+        with g.inserting_before(site.node):
+            t, h, w = _grid_args(g, site)
+            new = g.call_function(
+                skiparse_attention, (a["query"], a["key"], a["value"], t, h, w, p, site.layout),
+                {"dropout_p": a["dropout_p"], "scale": a["scale"], "enable_gqa": a["enable_gqa"]},
+            )
+        new.meta.update(site.node.meta)
+        site.node.replace_all_uses_with(new)
+        g.erase_node(site.node)
+        site.node = new
+        sub = subsequence_length(grid_hint, p)
+        row.subsequence_len = sub
+        row.flops_after = 4 * site.batch * site.heads * p * p * sub * sub * site.head_dim
+        row.decision = f"{site.layout}-wise Skiparse, P={p}, {p * p} subsequences of {sub} tokens"
+        rows.append({"site": site.index, "layout": site.layout, "subsequence_len": sub})
+        rewritten += 1
+    gm.recompile()
+    return gm, PassReport("skiparse", f"{rewritten} site(s) rewritten to Skiparse-2D (P={p})", rows)
