@@ -28,17 +28,18 @@ class OSPBackend:
     """A Dynamo backend bound to one session: one config, one site numbering, one report."""
 
     def __init__(self, config: OSPConfig, inner: str = "inductor", num_sites: int | None = None,
-                 passes: list[GraphPass] | None = None):
+                 passes: list[GraphPass] | None = None, counting: bool = False):
         if inner not in INNER_COMPILERS:
             raise OSPConfigError(f"unknown inner compiler {inner!r}: use one of {', '.join(INNER_COMPILERS)}.")
         self.config = config
         self.inner = inner
-        self.registry = SiteRegistry(config, num_sites=num_sites)
+        self.registry = SiteRegistry(config, num_sites=num_sites, counting=counting)
         self.report = OSPReport()
         self.passes = passes
+        self.state: dict = {}  # session objects passes create once and reuse on recompilation
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
-        ctx = PassContext(self.config, self.registry, self.report)
+        ctx = PassContext(self.config, self.registry, self.report, state=self.state)
         gm = run_passes(gm, ctx, self.passes)
         if self.inner == "eager":
             return gm.forward
@@ -79,6 +80,12 @@ def report_for(options: dict | None = None) -> OSPReport:
     if entry is None or entry[0] is not options:
         raise KeyError("no osp backend session was compiled with this options dict (has the model run yet?)")
     return entry[1].report
+
+
+def state_for(options: dict | None = None) -> dict:
+    """Session objects (e.g. LoRA adapters) of the ``backend="osp"`` session compiled with `options`."""
+    report_for(options)  # same lookup, same error
+    return _SESSIONS[id(options)][1].state
 
 
 def reset() -> None:

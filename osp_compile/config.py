@@ -14,6 +14,7 @@ from .errors import OSPConfigError
 SITE_LAYOUTS = ("full", "token", "group")
 NAMED_LAYOUTS = ("dual_end", "uniform", "all_sparse", "dense")
 TARGETS = ("auto", "cpu", "cuda", "npu")
+QUANT_MODES = ("hif8", "hif8-infer")
 UNSUPPORTED_POLICIES = ("error", "skip")
 
 
@@ -29,6 +30,11 @@ class OSPConfig:
     target: ``auto`` (the device of the inputs), ``cpu``, ``cuda`` or ``npu``.
     on_unsupported: ``error`` raises when a site cannot be proven convertible; ``skip`` leaves it
         dense and says so in the report.
+    quant: None, ``hif8`` (quantization-aware training linears) or ``hif8-infer`` (HiF8 weights).
+    quant_exclude: parameter-name patterns (fnmatch) of linears to keep in high precision; None
+        keeps the default (patch embedding, timestep/text embedding MLPs, output head).
+    lora_rank, lora_alpha, lora_targets: LoRA adapters added as a pass (rank 0: none); targets are
+        fnmatch patterns of linear weight names, None = attention q/k/v/o; alpha None = rank.
     """
 
     sparse_ratio: int = 2
@@ -37,6 +43,11 @@ class OSPConfig:
     grid: tuple[int, int, int] | None = None
     target: str = "auto"
     on_unsupported: str = "error"
+    quant: str | None = None
+    quant_exclude: list[str] | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layout, tuple):
@@ -77,6 +88,11 @@ class OSPConfig:
             raise OSPConfigError(
                 f"on_unsupported must be one of {', '.join(UNSUPPORTED_POLICIES)}, got {self.on_unsupported!r}."
             )
+
+        if self.quant is not None and self.quant not in QUANT_MODES:
+            raise OSPConfigError(f"unknown quant {self.quant!r}: use None or one of {', '.join(QUANT_MODES)}.")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise OSPConfigError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}.")
 
     def replace(self, **changes) -> "OSPConfig":
         return dataclasses.replace(self, **changes)

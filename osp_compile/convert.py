@@ -20,13 +20,14 @@ class OSPModule(nn.Module):
     names. Attributes it does not define (e.g. diffusers' `config`) are read from the original.
     """
 
-    def __init__(self, original: nn.Module, compiled: Any, report: OSPReport, config: OSPConfig):
+    def __init__(self, original: nn.Module, compiled: Any, report: OSPReport, config: OSPConfig, state: dict | None = None):
         super().__init__()
         # stored unregistered, so they add no prefix to state_dict keys
         object.__setattr__(self, "_original", original)
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "osp_report", report)
         object.__setattr__(self, "osp_config", config)
+        object.__setattr__(self, "osp_state", state)
         self._modules = original._modules
         self._parameters = original._parameters
         self._buffers = original._buffers
@@ -55,8 +56,7 @@ def _count_sites(model: nn.Module, args: tuple, kwargs: dict, config: OSPConfig)
     from passes.analysis import analysis_pass
     from passes.canonicalize_attention import canonicalize_attention_pass
 
-    counter = OSPBackend(config.replace(layout="dense"), inner="eager",
-                         passes=[canonicalize_attention_pass, analysis_pass])
+    counter = OSPBackend(config, inner="eager", passes=[canonicalize_attention_pass, analysis_pass], counting=True)
     with torch.no_grad():
         torch.compile(model, backend=counter, dynamic=False)(*args, **kwargs)
     return len(counter.registry.keys)
@@ -83,7 +83,7 @@ def convert(model: nn.Module, args: tuple = (), kwargs: dict | None = None, conf
         # graph breaks split the sites: count them all first, then capture again
         num_sites = _count_sites(model, args, kwargs, config)
         backend, compiled = _capture(model, args, kwargs, config, num_sites=num_sites)
-    return OSPModule(model, compiled, backend.report, config)
+    return OSPModule(model, compiled, backend.report, config, backend.state)
 
 
 def _capture(model, args, kwargs, config, num_sites):

@@ -30,6 +30,7 @@ class SiteRegistry:
     num_sites: int | None = None  # known total (pre-counted by convert, or given as an option)
     keys: dict[tuple, int] = field(default_factory=dict)
     grid: tuple | None = None  # the grid an earlier graph found, for graphs that lack the embedding
+    counting: bool = False  # only number the sites (every site reads as full); nothing is fixed
     _layouts: list[str] | None = None
 
     def index_of(self, key: tuple) -> int:
@@ -46,6 +47,8 @@ class SiteRegistry:
 
     def layouts(self, graph_site_count: int) -> list[str]:
         """The layout table; fixed on first use (from `num_sites`, else this graph's sites)."""
+        if self.counting:
+            return ["full"] * len(self.keys)
         if self._layouts is None:
             if self.num_sites is None:
                 self.num_sites = len(self.keys) if self.keys else graph_site_count
@@ -54,17 +57,20 @@ class SiteRegistry:
 
 
 def site_key(node: fx.Node) -> tuple:
-    """Where an attention call sits in the model: innermost module path and user source line."""
+    """Where an attention call sits in the model: innermost module path and the user call stack."""
     stack = node.meta.get("nn_module_stack") or {}
     path = ""
     if stack:
         last = list(stack.values())[-1]
         path = str(last[0] if isinstance(last, tuple) else last)
         path = re.sub(r"L\['self'\]\.?|L__self__\.?", "", path)
+        path = re.sub(r"(?:__dict__\[')?_modules'?\]?\['([^']+)'\]", r".\1", path)
+        path = re.sub(r"\[(\d+)\]", r".\1", path).strip(".").replace("..", ".")
     trace = node.meta.get("stack_trace") or ""
+    # the whole user stack: two graphs that reach the same line through different callers differ
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    line = f"{frames[-1][0].rsplit('/', 1)[-1]}:{frames[-1][1]}" if frames else ""
-    return (path, line)
+    where = " < ".join(f"{f.rsplit('/', 1)[-1]}:{n}" for f, n in reversed(frames))
+    return (path, where)
 
 
 @dataclass
@@ -75,23 +81,35 @@ class PassContext:
     registry: SiteRegistry
     report: OSPReport
     analysis: object | None = None
+    state: dict = field(default_factory=dict)  # per-session objects a pass creates once (e.g. adapters)
 
 
 GraphPass = Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, PassReport]]
 
 
-def default_passes() -> list[GraphPass]:
-    from passes.canonicalize_attention import canonicalize_attention_pass
+def default_passes(config: OSPConfig) -> list[GraphPass]:
+    """The pipeline for a config: attention canonicalization, analysis, Skiparse, then the optional
+    passes in the order they compose (quantized linears first, LoRA adapters beside them)."""
     from passes.analysis import analysis_pass
+    from passes.canonicalize_attention import canonicalize_attention_pass
     from passes.skiparse import skiparse_pass
 
-    return [canonicalize_attention_pass, analysis_pass, skiparse_pass]
+    pipeline = [canonicalize_attention_pass, analysis_pass, skiparse_pass]
+    if config.quant is not None:
+        from passes.hif8_linear import hif8_linear_pass
+
+        pipeline.append(hif8_linear_pass)
+    if config.lora_rank:
+        from passes.lora import lora_pass
+
+        pipeline.append(lora_pass)
+    return pipeline
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[GraphPass] | None = None) -> fx.GraphModule:
     """Run each pass in order; each returns the (rewritten) graph and its report."""
     graph_reports = []
-    for p in passes if passes is not None else default_passes():
+    for p in passes if passes is not None else default_passes(ctx.config):
         gm, rep = p(gm, ctx)
         graph_reports.append(rep)
     gm.graph.lint()

@@ -110,3 +110,58 @@ def callable_params(fn: Callable) -> list[str]:
         return list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return []
+
+
+def param_fqn(node: Any) -> str | None:
+    """Fully qualified parameter name of a Dynamo graph input (e.g. 'blocks.0.self_attn.q.weight').
+
+    Dynamo passes parameters as placeholders whose source reads like
+    ``L['self']._modules['blocks']._modules['0']._parameters['weight']``; get_attr nodes (FX
+    symbolic traces) name the attribute directly.
+    """
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return str(node.target)
+    if node.op != "placeholder":
+        return None
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
+    if not name or "_parameters[" not in name:
+        return None
+    import re
+
+    parts = re.findall(r"_(?:modules|parameters)\['([^']+)'\]", name)
+    return ".".join(parts) or None
+
+
+# F.linear and the osp:: linears that replace it (their first three arguments are input, weight, bias)
+LINEAR_OP_NAMES = ("linear", "hif8_qat_linear", "hif8_linear")
+
+
+def linear_calls(gm: fx.GraphModule) -> list[dict]:
+    """Every linear layer call of the graph: F.linear / aten.linear, or matmul/addmm/mm on a weight.
+
+    Returns dicts with the call `node`, its `input`, `weight` and `bias` nodes (bias may be None),
+    whether the weight is `transposed` in the call (x @ W^T as linear, or x @ W for a raw matmul),
+    and the weight's parameter name `fqn` when it is a parameter.
+    """
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = op_name(node)
+        if name in LINEAR_OP_NAMES:
+            a = call_args(node, ["input", "weight", "bias"], {"bias": None})
+            out.append({"node": node, "input": a["input"], "weight": a["weight"], "bias": a["bias"],
+                        "form": name, "fqn": param_fqn(a["weight"])})
+        elif name in ("matmul", "mm") and len(node.args) == 2 and param_fqn(node.args[1]) is not None:
+            w = node.args[1]
+            if len(shape_of(w) or ()) == 2:
+                out.append({"node": node, "input": node.args[0], "weight": w, "bias": None,
+                            "form": name, "fqn": param_fqn(w)})
+        elif name == "addmm" and len(node.args) >= 3 and param_fqn(node.args[2]) is not None:
+            out.append({"node": node, "input": node.args[1], "weight": node.args[2], "bias": node.args[0],
+                        "form": "addmm", "fqn": param_fqn(node.args[2])})
+    return out

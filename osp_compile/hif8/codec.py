@@ -215,8 +215,7 @@ def _decode_f32(codes: torch.Tensor) -> torch.Tensor:
     vbits = torch.where(low == _CODE_INF, _F32_INF, vbits)
     vbits = torch.where(c >= _SIGN, vbits | torch.iinfo(torch.int32).min, vbits)
     vbits = torch.where(c == _CODE_NAN, 0x7FC00000, vbits)
-    assert vbits.dtype == torch.int32
-    return vbits.view(torch.float32)
+    return vbits.view(torch.float32)  # every step above stays int32 (scalar operands don't promote)
 
 
 def decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -249,8 +248,9 @@ def _per_tensor_scale(x: torch.Tensor, scale_max: float) -> torch.Tensor:
     Stays a tensor (no host sync), so it is cheap on GPU and traceable."""
     amax = x.detach().abs().amax().to(torch.float32)
     ok = torch.isfinite(amax) & (amax > 0)
-    return torch.where(ok, torch.tensor(float(scale_max), dtype=torch.float32, device=x.device)
-                       / torch.where(ok, amax, 1.0), 1.0)
+    # A tensor numerator: `float / tensor` is computed as a reciprocal times the float, which is
+    # not the correctly rounded quotient; full_like also avoids a host-to-device copy.
+    return torch.where(ok, torch.full_like(amax, float(scale_max)) / torch.where(ok, amax, 1.0), 1.0)
 
 
 def quantize_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta") -> torch.Tensor:

@@ -16,6 +16,7 @@ codec; ``tests/test_hif8_kernels.py`` checks that.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -130,6 +131,14 @@ def _round_kernel(x_ptr, out_ptr, scale_ptr, n,
         q = vbits.to(tl.float32, bitcast=True)
         if HAS_SCALE:
             q = tl.math.div_rn(q, s)
+            if out_ptr.dtype.element_ty == tl.bfloat16:
+                # q / s is no longer a HiF8 value, so the bfloat16 store rounds.  Round to nearest
+                # even by hand: Triton's interpreter truncates float32 -> bfloat16 casts, the GPU
+                # rounds to nearest even; this gives the GPU's (and torch's) bits on both.
+                qb = q.to(tl.int32, bitcast=True)
+                hi = (qb + 0x7FFF + ((qb >> 16) & 1)) >> 16
+                hi = tl.where(q != q, 0x7FC0, hi & 0xFFFF)
+                q = hi.to(tl.int16).to(tl.bfloat16, bitcast=True)
         tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=inb)
 
 
@@ -172,6 +181,11 @@ def _grid(n: int):
     return (max(1, -(-n // BLOCK)),)
 
 
+def _on(device: torch.device):
+    """Launch on the tensor's GPU, not whichever one is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _round(x: torch.Tensor, rounding: str, saturate: bool, out_codes: bool, scale) -> torch.Tensor:
     codec._check_input(x)
     codec._check_rounding(rounding)
@@ -184,8 +198,9 @@ def _round(x: torch.Tensor, rounding: str, saturate: bool, out_codes: bool, scal
         scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
     n = xc.numel()
     if n:
-        round_kernel[_grid(n)](xc, out, scale_t, n, HYBRID=rounding == "hybrid", SATURATE=bool(saturate),
-                               OUT_CODES=out_codes, HAS_SCALE=scale is not None, BLOCK=BLOCK)
+        with _on(x.device):
+            round_kernel[_grid(n)](xc, out, scale_t, n, HYBRID=rounding == "hybrid", SATURATE=bool(saturate),
+                                   OUT_CODES=out_codes, HAS_SCALE=scale is not None, BLOCK=BLOCK)
     return out
 
 
@@ -216,7 +231,8 @@ def decode_triton(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     table = _table(codes.device)
     n = cc.numel()
     if n:
-        decode_kernel[_grid(n)](cc, table, out, n, BLOCK=BLOCK)
+        with _on(codes.device):
+            decode_kernel[_grid(n)](cc, table, out, n, BLOCK=BLOCK)
     return out
 
 

@@ -1,0 +1,15 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test captures anew: Dynamo's caches never leak a graph from one test into another."""
+    torch._dynamo.reset()
+    yield

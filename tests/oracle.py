@@ -1,0 +1,58 @@
+"""The masked dense attention oracle of skiparse.md, written independently of osp_compile.
+
+`masked_oracle(layout, grid, P)` patches `torch.nn.functional.scaled_dot_product_attention` so that
+the k-th video self-attention call (query and key length T*H*W) whose layout entry is token/group
+runs DENSE attention with the mask sid(i) == sid(j) computed from the formula, not from any fold.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def subsequence_id(grid, p, pattern):
+    """sid of every frame-major token i = (t*H + y)*W + x, as one integer y_id*P + x_id."""
+    t, h, w = grid
+    i = torch.arange(t * h * w)
+    y = (i // w) % h
+    x = i % w
+    if pattern == "token":
+        return (y % p) * p + (x % p)
+    return ((y // p) % p) * p + ((x // p) % p)
+
+
+def skiparse_mask(grid, p, pattern):
+    sid = subsequence_id(grid, p, pattern)
+    return sid[:, None] == sid[None, :]
+
+
+@contextlib.contextmanager
+def masked_oracle(layout, grid, p):
+    tokens = grid[0] * grid[1] * grid[2]
+    original = F.scaled_dot_product_attention
+    calls = []
+
+    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        q, k, v = query, key, value
+        if q.shape[-2] == tokens and k.shape[-2] == tokens:
+            entry = layout[len(calls)]
+            calls.append(entry)
+            if entry != "full":
+                assert attn_mask is None
+                attn_mask = skiparse_mask(grid, p, entry).to(q.device)
+        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+
+    torch.nn.functional.scaled_dot_product_attention = patched
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    assert len(calls) == len(layout), f"oracle saw {len(calls)} video self-attention calls, layout has {len(layout)}"
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
