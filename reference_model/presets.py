@@ -95,10 +95,15 @@ def build_model(
 
     Weights are always initialised in float32 on CPU (without touching the global RNG)
     and then moved, so the same seed gives the same weights for every dtype and device.
+    ``device="meta"`` builds shapes only (no memory, no values): enough to capture and inspect
+    the graph of a 14B model on a laptop.
     """
     cfg = _get_config(preset)
     if num_layers is not None:
         cfg = dataclasses.replace(cfg, num_layers=num_layers)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return WanDiT(cfg).to(dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WanDiT(cfg)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracle import masked_oracle, rel_err
+from osp_compile.oracle import masked_oracle, rel_err
 from osp_compile import OSPConfig, convert
 from osp_compile.backend import report_for
 from reference_model import PRESETS, build_model, make_inputs

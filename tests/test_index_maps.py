@@ -2,7 +2,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from oracle import subsequence_id
+from osp_compile.oracle import subsequence_id
 from osp_compile.skiparse_layout import fold, fold_index, key_padding_mask, padded_extent, subsequence_length, unfold
 
 

@@ -3,7 +3,7 @@ sparse ratios and layouts; outputs and gradients."""
 import pytest
 import torch
 
-from oracle import masked_oracle, rel_err
+from osp_compile.oracle import masked_oracle, rel_err
 from osp_compile import OSPConfig, convert
 from reference_model import PRESETS, build_model, make_inputs
 

@@ -1,4 +1,7 @@
-"""The masked dense attention oracle of skiparse.md, written independently of osp_compile.
+"""The masked dense attention oracle of skiparse.md, written independently of the Skiparse code path.
+
+It shares nothing with `skiparse_layout`/`ops`: subsequence ids come from the formula, and the
+model runs its own dense attention with a boolean mask. Tests and `osp-compile demo` check against it.
 
 `masked_oracle(layout, grid, P)` patches `torch.nn.functional.scaled_dot_product_attention` so that
 the k-th video self-attention call (query and key length T*H*W) whose layout entry is token/group
