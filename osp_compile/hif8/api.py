@@ -61,3 +61,23 @@ def quantize_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta", bac
         scale = codec._per_tensor_scale(x, scale_max)
         return triton_kernels.quantize_triton(x, scale=scale, rounding=rounding)
     return codec.quantize_scaled(x, scale_max, rounding)
+
+
+def per_tensor_scale(x: torch.Tensor, scale_max: float) -> torch.Tensor:
+    """float32 0-dim ``scale_max / max|x|`` (1 where that max is 0 or not finite): the scale of
+    ``quantize_scaled``, for kernels that apply it themselves (no host sync)."""
+    return codec._per_tensor_scale(x, scale_max)
+
+
+def encode_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta",
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, s)``: the HiF8 codes of ``x * s`` with ``s = scale_max / max|x|`` (as in
+    ``quantize_scaled``), and ``s`` as a float32 0-dim tensor.  ``decode(codes) / s`` is then
+    exactly ``quantize_scaled(x, scale_max)`` in float32: what a stored HiF8 weight, or an
+    activation fed to a HiF8 GEMM, carries."""
+    codec._check_input(x)
+    codec._check_rounding(rounding)
+    scale = per_tensor_scale(x, scale_max)
+    if _use_triton(x, backend):
+        return triton_kernels.encode_triton(x, rounding, scale=scale), scale
+    return codec.encode(x.detach().to(torch.float32) * scale, rounding), scale

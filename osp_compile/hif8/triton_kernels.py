@@ -24,7 +24,7 @@ import torch
 
 from . import codec
 
-__all__ = ["triton_available", "encode_triton", "decode_triton", "quantize_triton"]
+__all__ = ["triton_available", "encode_triton", "decode_triton", "quantize_triton", "jit_wrapper"]
 
 BLOCK = 1024
 
@@ -151,14 +151,13 @@ def _decode_kernel(codes_ptr, table_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=inb)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels(interpret: bool):
-    """(round_kernel, decode_kernel) compiled for CUDA, or wrapped for the CPU interpreter."""
-    global tl
+def jit_wrapper(interpret: bool):
+    """``(triton, tl, wrap)``: ``wrap(fn)`` compiles a kernel body for CUDA (``triton.jit``) or, with
+    ``interpret``, wraps it for Triton's CPU interpreter.  Shared by every HiF8 kernel module
+    (``triton_gemm``, ``triton_fp8``), each of which keeps its own ``tl`` global the same way."""
     triton, tl_mod = _import_triton()
     if triton is None:
         raise RuntimeError("Triton is not importable; use backend='torch'")
-    tl = tl_mod  # the kernel bodies read `tl` as a module global, at compile / interpret time
     if interpret and os.environ.get("TRITON_INTERPRET") != "1":
         wrap = _interpreter_cls()
         if wrap is None:
@@ -166,6 +165,14 @@ def _kernels(interpret: bool):
                                "before importing triton, or use backend='torch'")
     else:
         wrap = triton.jit  # under TRITON_INTERPRET=1 this is the interpreter too
+    return triton, tl_mod, wrap
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool):
+    """(round_kernel, decode_kernel) compiled for CUDA, or wrapped for the CPU interpreter."""
+    global tl
+    _, tl, wrap = jit_wrapper(interpret)  # the kernel bodies read `tl` as a module global
     return wrap(_round_kernel), wrap(_decode_kernel)
 
 
@@ -204,9 +211,12 @@ def _round(x: torch.Tensor, rounding: str, saturate: bool, out_codes: bool, scal
     return out
 
 
-def encode_triton(x: torch.Tensor, rounding: str = "ta", saturate: bool = False) -> torch.Tensor:
-    """Triton ``codec.encode``: HiF8 ``uint8`` codes of a float32/bfloat16/float16 tensor."""
-    return _round(x, rounding, saturate, True, None)
+def encode_triton(x: torch.Tensor, rounding: str = "ta", saturate: bool = False, scale=None) -> torch.Tensor:
+    """Triton ``codec.encode``: HiF8 ``uint8`` codes of a float32/bfloat16/float16 tensor.
+
+    With ``scale`` (a float or a one-element tensor): the codes of ``x * scale``, the product taken
+    in float32 inside the kernel (what ``codec.encode(x.float() * scale)`` computes)."""
+    return _round(x, rounding, saturate, True, scale)
 
 
 def quantize_triton(x: torch.Tensor, scale=None, rounding: str = "ta", saturate: bool = False) -> torch.Tensor:

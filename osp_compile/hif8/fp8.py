@@ -1,0 +1,190 @@
+"""HiF8 linears on FP8 (E4M3) tensor cores: exact transcode with a power-of-two shift.
+
+NVIDIA GPUs have no HiF8, but every HiF8 value in [2^-9, 448] except +-1.5*2^-9 is exactly an
+E4M3 value (hif8.md, "Hardware").  Multiplying a HiF8 tensor by 2^k changes no bits of its
+values' mantissas, so a per-tensor power-of-two shift moves it into that window and
+``torch._scaled_mm`` then multiplies the HiF8 values themselves, with the shift folded into the
+dequantization scale.  What falls outside the window (tiny magnitudes that E4M3 rounds, or values
+that would need clamping above 448) is counted, per weight, when it is transcoded.
+
+* Weights: `transcode_weight` maps the stored codes through a 256-entry table once (the shift is
+  chosen from the code histogram: first no clamped values, then the most exact ones);
+  `cached_e4m3_weight` keeps the result beside the codes for the CUDA kernel.
+* Activations: quantized on the fly exactly as the QAT forward does (scale 15 / max|x|, HiF8
+  round to nearest, ties away) and written as E4M3 shifted by ``2^act_shift(15) = 16`` (15 * 16 =
+  240 <= 448).  On CUDA this is one fused Triton pass after an absmax reduction
+  (``triton_fp8.py``); `quantize_act_e4m3_reference` is the same in torch ops, bit for bit.
+* `fp8_linear`: ``torch._scaled_mm`` on CUDA capability >= 8.9 (Ada/Hopper), else the same
+  arithmetic emulated in float32 (E4M3 x E4M3 products are exact in float32), used on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import api, codec, triton_kernels
+from .qat import X_SCALE_MAX
+
+E4M3_MAX = 448.0
+_SHIFTS = range(-30, 31)  # candidate k: HiF8 spans 2^-22 .. 2^15, E4M3's window 2^-9 .. 448
+
+
+@dataclass(frozen=True)
+class E4M3Weight:
+    """A HiF8 weight transcoded for FP8 tensor cores: ``W ~= data.float() * dequant``."""
+
+    data: torch.Tensor  # float8_e4m3fn [out, in]
+    dequant: torch.Tensor  # float32 0-dim: 1 / (scale * 2^shift)
+    shift: int
+    outside: int  # elements not exactly representable after the shift (rounded or clamped)
+
+    @property
+    def numel(self) -> int:
+        return self.data.numel()
+
+
+@functools.lru_cache(maxsize=None)
+def _values_e4m3(shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every HiF8 code: (E4M3 bits of its value * 2^shift, exact?, clamped?) on CPU (read-only)."""
+    v = codec.decode_table().double() * 2.0 ** shift
+    over = v.abs() > E4M3_MAX  # +-Inf codes included
+    e4m3 = v.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    exact = e4m3.double() == v  # NaN code: False
+    return e4m3.view(torch.uint8), exact, over
+
+
+def choose_shift(histogram: torch.Tensor) -> tuple[int, int]:
+    """``(shift, outside)`` for a 256-bin code histogram: the power-of-two shift that first avoids
+    clamping (a clamped weight is off by up to 2^15 / 448; an underflowed one by < 2^-9 of the
+    shifted scale), then leaves the fewest values outside E4M3's exact window; ties go to the
+    larger shift.  ``outside`` counts the elements not exactly representable at that shift."""
+    histogram = histogram.to(torch.int64).cpu()
+    best = None
+    for k in _SHIFTS:
+        _, exact, over = _values_e4m3(k)
+        cost = (int(histogram[over].sum()), int(histogram[~exact].sum()), -k)
+        if best is None or cost < best[0]:
+            best = (cost, k)
+    (_, outside, _), shift = best
+    return shift, outside
+
+
+def _histogram(codes: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(codes.reshape(-1).to(torch.int64), minlength=256)
+
+
+def window_report(store) -> list[dict]:
+    """Per stored weight (an ``inference.HiF8WeightStore``): the shift its E4M3 transcode takes and
+    how many of its elements fall outside E4M3's exact window there (what the FP8 path rounds)."""
+    rows = []
+    for fqn in store.fqns:
+        codes, _ = store.entry(fqn)
+        shift, outside = choose_shift(_histogram(codes))
+        rows.append({"weight": fqn, "shift": shift, "outside": outside, "numel": codes.numel()})
+    return rows
+
+
+def transcode_weight(codes: torch.Tensor, scale: torch.Tensor) -> E4M3Weight:
+    """E4M3 copy of a stored HiF8 weight (codes of ``W * scale``), exact where the window allows."""
+    shift, outside = choose_shift(_histogram(codes))
+    table = _values_e4m3(shift)[0].to(codes.device)
+    data = table[codes.to(torch.int64)].view(torch.float8_e4m3fn)
+    dequant = (1.0 / (scale.to(torch.float32) * 2.0 ** shift)).reshape(())
+    return E4M3Weight(data, dequant, shift, outside)
+
+
+_CACHE = WeakIdKeyDictionary()  # codes tensor -> ((codes version, scale version), E4M3Weight)
+
+
+def cached_e4m3_weight(codes: torch.Tensor, scale: torch.Tensor) -> E4M3Weight:
+    """`transcode_weight`, computed once per codes tensor (and again if it is written in place,
+    e.g. by ``load_hif8_state_dict``): the E4M3 copy lives as long as the codes do."""
+    version = (codes._version, scale._version)
+    hit = _CACHE.get(codes)
+    if hit is None or hit[0] != version:
+        hit = _CACHE[codes] = (version, transcode_weight(codes, scale))
+    return hit[1]
+
+
+def act_shift(scale_max: float = X_SCALE_MAX) -> int:
+    """Largest k with ``HiF8(scale_max) * 2^k <= 448``: the largest activation lands in range."""
+    top = float(codec.quantize(torch.tensor([scale_max], dtype=torch.float32)))
+    return math.floor(math.log2(E4M3_MAX / top))
+
+
+def quantize_act_e4m3_reference(x: torch.Tensor, scale_max: float = X_SCALE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x8, dequant)``: E4M3 ``HiF8(x * s) * 2^k`` and float32 0-dim ``1 / (s * 2^k)``, in torch ops.
+
+    ``s = scale_max / max|x|`` as in the QAT forward; values below E4M3's window round to
+    nearest even there (they are < 2^-9 / 240 of the largest).  Zeros may come out as -0."""
+    k = act_shift(scale_max)
+    s = api.per_tensor_scale(x, scale_max)
+    q = codec.quantize(x.detach().to(torch.float32) * s)
+    return (q * 2.0 ** k).to(torch.float8_e4m3fn), (1.0 / (s * 2.0 ** k)).reshape(())
+
+
+def quantize_act_e4m3(x: torch.Tensor, scale_max: float = X_SCALE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_act_e4m3_reference`, as the fused Triton kernel on CUDA."""
+    if x.device.type == "cuda" and triton_kernels.triton_available(x.device):
+        from .triton_fp8 import quantize_act_e4m3_triton
+
+        return quantize_act_e4m3_triton(x, scale_max)
+    return quantize_act_e4m3_reference(x, scale_max)
+
+
+_LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, (x8, dequant))
+
+
+def _activation_e4m3(x: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_act_e4m3`` of ``x`` [..., K] as [M, K]; with ``reuse``, the result of the previous
+    call when ``x`` is the same, unmodified tensor: the q, k and v projections of a block read one
+    ``x``, which is then quantized once.  One entry, held by a weak reference to ``x`` (a freed
+    ``x`` can never match) and its version counter (an in-place write invalidates it)."""
+    global _LAST_ACTIVATION
+    if reuse and _LAST_ACTIVATION is not None:
+        ref, version, result = _LAST_ACTIVATION
+        if ref() is x and x._version == version:
+            return result
+    result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]))
+    _LAST_ACTIVATION = (weakref.ref(x), x._version, result) if reuse else None
+    return result
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: CUDA capability >= 8.9 (Ada, Hopper and later)."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = None,
+               use_fast_accum: bool = False, reuse_activation: bool = True) -> torch.Tensor:
+    """``HiF8(x) @ W^T + bias`` on E4M3 operands, in ``x``'s dtype.
+
+    ``torch._scaled_mm`` where supported and the shapes allow (in/out features multiples of 16;
+    rows are padded to 16), else emulated in float32.  ``use_fast_accum`` (Hopper's faster,
+    less precise FP8 accumulation) only affects ``_scaled_mm``.  ``reuse_activation``: see
+    `_activation_e4m3` (benchmarks of one linear turn it off)."""
+    k = x.shape[-1]
+    n = weight.data.shape[0]
+    x8, x_dequant = _activation_e4m3(x, reuse_activation)
+    if scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
+        m = x8.shape[0]
+        pad = -m % 16
+        if pad:
+            x8 = torch.cat([x8, x8.new_zeros(pad, k)])
+        fused_bias = bias is not None and x.dtype in (torch.bfloat16, torch.float16)
+        out = torch._scaled_mm(x8, weight.data.t(), scale_a=x_dequant.reshape(()), scale_b=weight.dequant,
+                               bias=bias.to(x.dtype) if fused_bias else None, out_dtype=x.dtype,
+                               use_fast_accum=use_fast_accum)[:m]
+        if bias is not None and not fused_bias:
+            out = out + bias.to(out.dtype)
+    else:
+        out = (x8.float() @ weight.data.float().T) * (x_dequant * weight.dequant)
+        if bias is not None:
+            out = out + bias.float()
+        out = out.to(x.dtype)
+    return out.reshape(*x.shape[:-1], n)

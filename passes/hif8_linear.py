@@ -1,0 +1,143 @@
+"""HiF8 linear pass: the linears of the transformer blocks become one HiF8 op each.
+
+``OSPConfig(quant="hif8")`` (quantization-aware training): ``osp::hif8_qat_linear(x, W, b)``,
+OSP-Next's recipe (``osp_compile/hif8/qat.py``).  ``quant="hif8-infer"``: ``osp::hif8_linear(x,
+codes, b, scale)`` reading HiF8 codes that are computed once per weight into the session store
+``ctx.state["hif8"]`` (``osp_compile/hif8/inference.py`` says why a store).
+
+Which linears: every linear call the graph has (``F.linear``/``aten.linear``, or
+``matmul``/``mm``/``addmm`` on a parameter; ``fx_utils.linear_calls``) whose weight name matches
+none of the exclude patterns (fnmatch on the parameter name).  The default patterns keep the
+patch embedding, the timestep / text embedding MLPs and the output head in high precision, as
+OSP-Next does, under the reference model's (Wan2.1) and diffusers' Wan names; a model that nests
+the DiT under a prefix needs its own ``OSPConfig.quant_exclude`` (which replaces the defaults).
+A weight that is not a parameter (computed in the graph) is left alone: it has no name to match
+and, for inference, nothing to store.  The report has one row per linear with the decision.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.fx as fx
+
+from osp_compile.hif8 import inference, qat  # noqa: F401  (qat defines osp::hif8_qat_linear)
+from osp_compile.report import PassReport
+from .fx_utils import linear_calls, meta_value, shape_of
+
+DEFAULT_EXCLUDE = (
+    "patch_embedding*",  # Wan2.1 and diffusers: the Conv3d patchifier (and any linear form of it)
+    "time_embedding*", "time_projection*", "text_embedding*", "img_emb*",  # Wan2.1 conditioning MLPs
+    "condition_embedder*",  # diffusers Wan: time/text/image embedders and time_proj
+    "head*",  # Wan2.1 output head
+    "proj_out*",  # diffusers Wan output projection
+)
+
+STORE_NAME = "osp_hif8"
+_TRANSPOSED_FORMS = ("matmul", "mm", "addmm")  # x @ W: the weight is stored [in, out]
+_HIF8_FORMS = ("hif8_qat_linear", "hif8_linear")
+_META_KEYS = ("example_value", "nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def _decision(call: dict, patterns: list[str]) -> str | None:
+    """Why a linear is left alone, or None to quantize it."""
+    if call["form"] in _HIF8_FORMS:
+        return "kept: already HiF8"
+    if call["fqn"] is None:
+        return "kept: weight is not a parameter"
+    for p in patterns:
+        if fnmatch.fnmatchcase(call["fqn"], p):
+            return f"excluded by pattern {p!r}"
+    if call["form"] == "addmm" and (call["node"].kwargs.get("beta", 1) != 1 or call["node"].kwargs.get("alpha", 1) != 1):
+        return "kept: addmm with alpha/beta"
+    return None
+
+
+def _real_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The parameter behind a weight node: a Dynamo graph input's example, or a get_attr target."""
+    if node.op == "get_attr":
+        return gm.get_parameter(str(node.target))
+    example = getattr(node.meta.get("grapharg"), "example", None)
+    if not isinstance(example, torch.Tensor):
+        raise RuntimeError(f"hif8-infer: cannot read the value of weight {node.name}")
+    return example
+
+
+def _fake_like(like: fx.Node, real: torch.Tensor):
+    """A fake tensor for a new node's meta, in the graph's fake mode (shape/dtype readers need one)."""
+    mode = getattr(meta_value(like), "fake_mode", None)
+    return mode.from_tensor(real) if mode is not None else real
+
+
+def _declare_to_aot(gm: fx.GraphModule, store: torch.nn.Module) -> None:
+    """Under Inductor, AOTAutograd lifts a graph module's buffers to inputs and needs a source for
+    each (it dedups guards by source); the store's buffers are not Dynamo's, so name them here."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:  # not a Dynamo graph (FX trace, export)
+        return
+    from torch._dynamo.source import ConstantSource
+
+    for name, _ in store.named_buffers():
+        sources.setdefault(f"{STORE_NAME}.{name}", ConstantSource(f"__{STORE_NAME}_{name.replace('.', '_')}"))
+
+
+def _replace(g: fx.Graph, node: fx.Node, target, args: tuple) -> fx.Node:
+    with g.inserting_before(node):
+        new = g.call_function(target, args)
+    new.meta.update({k: node.meta[k] for k in _META_KEYS if k in node.meta})
+    node.replace_all_uses_with(new)
+    g.erase_node(node)
+    return new
+
+
+def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
+    """Replace each chosen linear by ``osp::hif8_qat_linear`` or ``osp::hif8_linear``."""
+    infer = ctx.config.quant == "hif8-infer"
+    patterns = list(ctx.config.quant_exclude) if ctx.config.quant_exclude is not None else list(DEFAULT_EXCLUDE)
+    g = gm.graph
+    store = None
+    if infer:
+        store = ctx.state.get(inference.STATE_KEY)
+        if store is None:
+            store = ctx.state[inference.STATE_KEY] = inference.HiF8WeightStore()
+        gm.add_submodule(STORE_NAME, store)
+
+    rows = []
+    replaced: dict[fx.Node, fx.Node] = {}  # a linear's input may be a linear replaced before it
+    for call in linear_calls(gm):
+        node, weight, fqn = call["node"], call["weight"], call["fqn"]
+        x = replaced.get(call["input"], call["input"])
+        why = _decision(call, patterns)
+        transposed = call["form"] in _TRANSPOSED_FORMS
+        rows.append({"linear": fqn or f"(node {node.name})", "form": call["form"], "shape": shape_of(weight),
+                     "decision": why or ("quantized: HiF8 codes" if infer else "quantized: HiF8 QAT")})
+        if why is not None:
+            continue
+        if infer:
+            real = _real_weight(gm, weight).detach()
+            codes_attr, scale_attr = store.get_or_quantize(fqn, real.T if transposed else real)
+            with g.inserting_before(node):
+                codes = g.get_attr(f"{STORE_NAME}.{codes_attr}")
+                scale = g.get_attr(f"{STORE_NAME}.{scale_attr}")
+            codes.meta["example_value"] = _fake_like(node, store.get_buffer(codes_attr))
+            scale.meta["example_value"] = _fake_like(node, store.get_buffer(scale_attr))
+            replaced[node] = _replace(g, node, torch.ops.osp.hif8_linear.default, (x, codes, call["bias"], scale))
+        else:
+            if transposed:
+                with g.inserting_before(node):
+                    weight_t = g.call_function(torch.t, (weight,))
+                weight_t.meta["example_value"] = meta_value(weight).t()
+                weight = weight_t
+            replaced[node] = _replace(g, node, torch.ops.osp.hif8_qat_linear.default, (x, weight, call["bias"]))
+    if infer:
+        _declare_to_aot(gm, store)
+    gm.recompile()
+    done = sum(r["decision"].startswith("quantized") for r in rows)
+    excluded = sum(r["decision"].startswith("excluded") for r in rows)
+    what = "HiF8 weight codes + on-the-fly activation quantization" if infer else "HiF8 QAT (x, W: scale_max 15; grad: 224)"
+    return gm, PassReport(
+        "hif8_linear",
+        f"{done} of {len(rows)} linear(s) quantized ({what}); {excluded} excluded by pattern, "
+        f"{len(rows) - done - excluded} kept",
+        rows,
+    )
