@@ -1,0 +1,140 @@
+"""Joint text+video attention: the op against its mask, the analysis of joined sequences (Conv2d on
+folded frames, cat, slicing, in-place RoPE writes), and clear errors where it cannot follow."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from osp_compile import OSPConfig, convert
+from osp_compile.joint_attention import skiparse_attention_flops, skiparse_joint_attention
+from osp_compile.oracle import _combine, joint_skiparse_mask, masked_oracle, rel_err
+from osp_compile.skiparse_layout import subsequence_length
+from passes.token_dims import JOINT, OTHER, TOK, Factor, permute, regroup
+
+
+# -- the op ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid,p,pattern,text_len,offset,mask", [
+    ((2, 5, 6), 2, "token", 5, 5, None),  # CogVideoX: text first, padding
+    ((2, 5, 6), 2, "group", 4, 0, "bool"),  # HunyuanVideo: video first, text padding mask
+    ((2, 8, 8), 2, "token", 3, 0, None),  # no padding, no mask: no mask at all inside
+    ((1, 7, 7), 3, "group", 6, 2, "float"),  # text on both sides, additive per-head mask
+])
+def test_op_equals_dense_attention_under_the_joint_mask(grid, p, pattern, text_len, offset, mask):
+    torch.manual_seed(0)
+    n = grid[0] * grid[1] * grid[2] + text_len
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    if mask == "bool":
+        mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+        mask[0, ..., -2:] = False  # the last two text tokens of sample 0 are padding
+    elif mask == "float":
+        mask = torch.zeros(1, 3, 1, n, dtype=torch.float64)
+        mask[..., 0] = -1.5
+    out = skiparse_joint_attention(q, k, v, mask, *grid, p, pattern, offset)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=_combine(joint_skiparse_mask(grid, p, pattern, offset, text_len), mask))
+    assert rel_err(out, ref) <= 1e-12
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_flops_count_what_the_op_computes():
+    grid, p, b, h, d, text = (2, 5, 6), 2, 1, 2, 8, 5
+    sub = subsequence_length(grid, p)  # padded subsequence
+    video = p * p * b * sub * (text + sub)  # query-key pairs of the folded video queries
+    text_pairs = b * text * (text + 60)
+    assert skiparse_attention_flops(b, h, d, grid, p, text) == 4 * h * d * (video + text_pairs)
+    assert skiparse_attention_flops(b, h, d, grid, p) == 4 * b * h * p * p * sub * sub * d  # plain Skiparse
+
+
+# -- the token-layout algebra ----------------------------------------------------------------------
+def test_regroup_and_permute_follow_frames_folded_into_the_batch():
+    b, f, c, h, w = 2, 3, 8, 4, 6
+    conv = ((Factor(OTHER, b), Factor(TOK, f)), (Factor(OTHER, c),), (Factor(TOK, h),), (Factor(TOK, w),))
+    x = regroup(conv, (b, f, c, h, w))  # .view(B, F, C, H, W)
+    x = regroup(x, (b, f, c, h * w))  # .flatten(3)
+    x = permute(x, (0, 1, 3, 2))  # .transpose(2, 3)
+    x = regroup(x, (b, f * h * w, c))  # .flatten(1, 2)
+    assert x == ((Factor(OTHER, b),), (Factor(TOK, f * h * w),), (Factor(OTHER, c),))
+    assert permute(conv, (0, 1, 3, 2)) is None  # W before H: no longer frame-major
+    assert regroup(((Factor(TOK, 12),), (Factor(OTHER, 5),)), (10, 6)) is None  # cuts a token and a channel factor
+    assert regroup(((Factor(JOINT, 12),),), (3, 4)) is None  # a joined sequence is never split
+
+
+# -- the analysis on a DiT of joint attention ------------------------------------------------------
+class JointDiT(nn.Module):
+    """CogVideoX-like: per-frame Conv2d, caption first, in-place RoPE-like write on the video part."""
+
+    def __init__(self, dim=16, heads=2, layers=3, text_dim=8, mode="ok"):
+        super().__init__()
+        self.heads, self.mode = heads, mode
+        self.embed = nn.Conv2d(3, dim, 2, 2)
+        self.text = nn.Linear(text_dim, dim)
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+
+    def forward(self, video, caption):  # video [B, F, C, H, W]
+        b, f = video.shape[:2]
+        x = self.embed(video.flatten(0, 1))
+        x = x.view(b, f, *x.shape[1:]).flatten(3).transpose(2, 3).flatten(1, 2)
+        text = self.text(caption)
+        n_text = text.shape[1]
+        if self.mode == "two_streams":
+            x = torch.cat([x, x * 2], dim=1)
+        for qkv in self.qkv:
+            h = torch.cat([text, x], dim=1)
+            if self.mode == "cut":  # pieces that cut the video tokens apart, joined again
+                h = torch.cat([h[:, :n_text + 2], h[:, n_text + 2:]], dim=1)
+            s, c = h.shape[1], h.shape[2]
+            q, k, v = qkv(h).view(b, s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            q[:, :, n_text:] = q[:, :, n_text:] * 0.5  # an in-place write on the video tokens only
+            mask = torch.ones(s, s, dtype=torch.bool).tril() if self.mode == "per_query_mask" else None
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, c)
+            text, x = text + o[:, :n_text], x + o[:, n_text:]
+        return x
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 2, 3, 10, 12, generator=g), torch.randn(1, 4, 8, generator=g)  # grid (2, 5, 6), 4 text
+
+
+def test_conv2d_on_folded_frames_and_the_joined_sequence_are_found():
+    torch.manual_seed(0)
+    model, (video, caption) = JointDiT(), _inputs()
+    converted = convert(model, (video, caption), config=OSPConfig(layout="all_sparse"))
+    report = converted.osp_report
+    assert report.layout == ["token", "group", "token"]
+    assert [(s.kind, s.grid, s.text_tokens) for s in report.video_sites] == [("joint", (2, 5, 6), 4)] * 3
+    assert sum(g.code.count("torch.ops.osp.skiparse_joint_attention") for g in report.graphs) == 3
+    with torch.no_grad(), masked_oracle(report.layout, (2, 5, 6), 2, text_len=4, video_offset=4):
+        ref = model(video, caption)
+    with torch.no_grad():
+        assert rel_err(converted(video, caption), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("mode,node_reason", [
+    ("cut", "cuts through the video tokens"),
+    ("two_streams", "joins video tokens with other token tensors"),
+])
+def test_joined_sequences_it_cannot_follow_name_the_node(mode, node_reason):
+    model, inputs = JointDiT(mode=mode), _inputs()
+    with pytest.raises(Exception) as info:
+        convert(model, inputs, config=OSPConfig(layout="all_sparse"))
+    msg = str(info.value)
+    assert node_reason in msg and "stopped at node" in msg and "grid=(T, H, W)" in msg
+    converted = convert(model, inputs, config=OSPConfig(layout="all_sparse", on_unsupported="skip"))
+    assert all("kept dense" in r.decision for r in converted.osp_report.site_rows)
+
+
+def test_a_mask_that_varies_per_query_is_refused_at_its_site():
+    model, inputs = JointDiT(mode="per_query_mask"), _inputs()
+    with pytest.raises(Exception) as info:
+        convert(model, inputs, config=OSPConfig(layout="all_sparse"))
+    msg = str(info.value)
+    assert "site 0 (node 'scaled_dot_product_attention'" in msg and "varies per query" in msg
+    assert "on_unsupported='skip'" in msg
+    converted = convert(model, inputs, config=OSPConfig(layout="all_sparse", on_unsupported="skip"))
+    rows = converted.osp_report.video_sites
+    assert [r.layout for r in rows] == ["full"] * 3
+    assert all("kept dense: the attention mask varies per query" in r.decision for r in rows)
+    with torch.no_grad():
+        assert rel_err(converted(*inputs), model(*inputs)) <= 1e-6
