@@ -9,6 +9,9 @@ import sys
 COMMANDS = {
     "demo": ("osp_compile.commands.demo", "convert the embedded tiny DiT, check it against the masked dense oracle"),
     "inspect": ("osp_compile.commands.inspect", "show the attention sites, their layouts and the rewritten graph"),
+    "train-grpo": ("osp_compile.commands.train_grpo", "Mix-GRPO LoRA training on the tiny DiT with an offline reward"),
+    "bench": ("osp_compile.commands.bench", "time one denoising step: dense (eager, Inductor) vs OSP, side by side"),
+    "export": ("osp_compile.commands.export", "write the converted model as a standalone module for cpu, cuda or npu"),
 }
 
 

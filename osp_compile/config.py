@@ -15,6 +15,7 @@ SITE_LAYOUTS = ("full", "token", "group")
 NAMED_LAYOUTS = ("dual_end", "uniform", "all_sparse", "dense")
 TARGETS = ("auto", "cpu", "cuda", "npu")
 QUANT_MODES = ("hif8", "hif8-infer")
+SP_MODES = ("ssp", "ulysses")
 UNSUPPORTED_POLICIES = ("error", "skip")
 
 
@@ -33,6 +34,10 @@ class OSPConfig:
     quant: None, ``hif8`` (quantization-aware training linears) or ``hif8-infer`` (HiF8 weights).
     quant_exclude: parameter-name patterns (fnmatch) of linears to keep in high precision; None
         keeps the default (patch embedding, timestep/text embedding MLPs, output head).
+    fuse_permutations: move the Skiparse rearrangement onto the hidden state (one permutation per
+        pattern switch) instead of rearranging q, k, v and the output at every sparse site.
+    sequence_parallel: None, ``ssp`` (Sparse Sequence Parallelism) or ``ulysses`` (the baseline);
+        needs torch.distributed initialised. sp_group: the process group (None = the world).
     lora_rank, lora_alpha, lora_targets: LoRA adapters added as a pass (rank 0: none); targets are
         fnmatch patterns of linear weight names, None = attention q/k/v/o; alpha None = rank.
     """
@@ -43,6 +48,9 @@ class OSPConfig:
     grid: tuple[int, int, int] | None = None
     target: str = "auto"
     on_unsupported: str = "error"
+    fuse_permutations: bool = True
+    sequence_parallel: str | None = None
+    sp_group: object | None = None
     quant: str | None = None
     quant_exclude: list[str] | None = None
     lora_rank: int = 0
@@ -89,6 +97,9 @@ class OSPConfig:
                 f"on_unsupported must be one of {', '.join(UNSUPPORTED_POLICIES)}, got {self.on_unsupported!r}."
             )
 
+        if self.sequence_parallel is not None and self.sequence_parallel not in SP_MODES:
+            raise OSPConfigError(
+                f"unknown sequence_parallel {self.sequence_parallel!r}: use None or one of {', '.join(SP_MODES)}.")
         if self.quant is not None and self.quant not in QUANT_MODES:
             raise OSPConfigError(f"unknown quant {self.quant!r}: use None or one of {', '.join(QUANT_MODES)}.")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:

@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 
 from .backend import OSPBackend
+from .distributed import collective_errors
 from .pipeline import SiteCountNeeded
 from .config import OSPConfig
+from .errors import OSPError, caused_by
 from .report import OSPReport
 
 
@@ -34,7 +36,8 @@ class OSPModule(nn.Module):
         self.training = original.training
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._compiled(*args, **kwargs)
+        with collective_errors(self.osp_config):
+            return self._compiled(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "OSPModule":
         super().train(mode)
@@ -58,7 +61,7 @@ def _count_sites(model: nn.Module, args: tuple, kwargs: dict, config: OSPConfig)
 
     counter = OSPBackend(config, inner="eager", passes=[canonicalize_attention_pass, analysis_pass], counting=True)
     with torch.no_grad():
-        torch.compile(model, backend=counter, dynamic=False)(*args, **kwargs)
+        _compile(model, counter)(*args, **kwargs)
     return len(counter.registry.keys)
 
 
@@ -78,7 +81,7 @@ def convert(model: nn.Module, args: tuple = (), kwargs: dict | None = None, conf
     try:
         backend, compiled = _capture(model, args, kwargs, config, num_sites=None)
     except Exception as exc:  # Dynamo wraps backend errors; look for ours inside
-        if not _caused_by(exc, SiteCountNeeded):
+        if not caused_by(exc, SiteCountNeeded):
             raise
         # graph breaks split the sites: count them all first, then capture again
         num_sites = _count_sites(model, args, kwargs, config)
@@ -86,17 +89,53 @@ def convert(model: nn.Module, args: tuple = (), kwargs: dict | None = None, conf
     return OSPModule(model, compiled, backend.report, config, backend.state)
 
 
+def _compile(model: nn.Module, backend) -> Any:
+    """torch.compile with this conversion's own recompile budget where torch offers it: Dynamo's
+    per-function limit is shared by every compile of the same forward in a process, and past it
+    Dynamo silently runs eagerly - i.e. without the passes."""
+    import inspect
+
+    extra = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+    return torch.compile(model, backend=backend, dynamic=False, **extra)
+
+
 def _capture(model, args, kwargs, config, num_sites):
     backend = OSPBackend(config, inner="eager", num_sites=num_sites)
-    compiled = torch.compile(model, backend=backend, dynamic=False)
-    with torch.no_grad():
+    compiled = _compile(model, backend)
+    with torch.no_grad(), collective_errors(config):
         compiled(*args, **kwargs)
+    if not backend.report.graphs:
+        raise OSPError(
+            f"no graph of {type(model).__name__} was captured: Dynamo ran it eagerly (its recompile limit for this "
+            f"forward is used up by earlier compiles in this process, or the forward is skipped). Call "
+            f"torch._dynamo.reset() or raise torch._dynamo.config.cache_size_limit, then convert again."
+        )
     return backend, compiled
 
 
-def _caused_by(exc: BaseException | None, kind: type) -> bool:
-    while exc is not None:
-        if isinstance(exc, kind):
-            return True
-        exc = exc.__cause__ or getattr(exc, "inner_exception", None)
-    return False
+
+
+
+class _CompiledOnly(Exception):
+    """Raised by the planning backend once the passes ran: nothing is executed."""
+
+
+def plan(model: nn.Module, args: tuple = (), kwargs: dict | None = None, config: OSPConfig | None = None) -> OSPReport:
+    """Run the passes on the model's first graph and return the report, without executing anything.
+
+    For inspecting a conversion that cannot run here: a 14B model on the meta device, or a
+    sequence-parallel plan for S ranks (`OSPConfig(sp_group=PlanningGroup(S))`) on one process.
+    """
+    config = config or OSPConfig()
+    backend = OSPBackend(config, inner="eager")
+
+    def compile_only(gm, example_inputs):
+        backend(gm, example_inputs)
+        raise _CompiledOnly
+
+    try:
+        _compile(model, compile_only)(*args, **(kwargs or {}))
+    except Exception as exc:  # Dynamo wraps what a backend raises
+        if not caused_by(exc, _CompiledOnly):
+            raise
+    return backend.report

@@ -15,3 +15,12 @@ class OSPAnalysisError(OSPError):
 
 class OSPUnsupportedError(OSPError):
     """A site or model that the passes cannot convert, with the reason."""
+
+
+def caused_by(exc: BaseException | None, kind: type) -> bool:
+    """Whether `exc` or what it wraps (Dynamo wraps backend errors) is a `kind`."""
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or getattr(exc, "inner_exception", None)
+    return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .skiparse_layout import fold, key_padding_mask, unfold
+from .skiparse_layout import fold, key_padding_mask, real_length_classes, relayout_local, unfold
 
 _lib = torch.library.Library("osp", "DEF")
 
@@ -36,3 +36,42 @@ def _skiparse_attention(q, k, v, T, H, W, P, pattern, dropout_p=0.0, scale=None,
 
 
 skiparse_attention = torch.ops.osp.skiparse_attention.default
+
+
+_lib.define(
+    "skiparse_relayout(Tensor x, int dim, SymInt T, SymInt H, SymInt W, int P, str src, str dst) -> Tensor"
+)
+
+
+@torch.library.impl(_lib, "skiparse_relayout", "CompositeImplicitAutograd")
+def _skiparse_relayout(x, dim, T, H, W, P, src, dst):
+    """Move a token tensor between the natural and the folded token/group layouts (one process)."""
+    return relayout_local(x, dim, (T, H, W), P, src, dst)
+
+
+_lib.define(
+    "folded_attention(Tensor q, Tensor k, Tensor v, SymInt T, SymInt H, SymInt W, int P, str pattern, "
+    "int rank=0, int world=1, float dropout_p=0.0, float? scale=None, bool enable_gqa=False) -> Tensor"
+)
+
+
+@torch.library.impl(_lib, "folded_attention", "CompositeImplicitAutograd")
+def _folded_attention(q, k, v, T, H, W, P, pattern, rank=0, world=1, dropout_p=0.0, scale=None, enable_gqa=False):
+    """Dense attention inside each subsequence of folded q, k, v ([P*P/world * B, heads, L, D], real
+    tokens first in each subsequence). Subsequences of equal real length run as one batch on views
+    of their real prefix - no mask, so the fastest dense kernel (flash) applies. Padded query slots
+    attend like real ones (their output is never used), so no output needs padding."""
+    grid = (int(T), int(H), int(W))
+    per = P * P // world
+    batch = q.shape[0] // per
+    outs = []
+    for start, stop, n in real_length_classes(grid, P, pattern, rank * per, per):
+        rows = slice(start * batch, stop * batch)
+        o = F.scaled_dot_product_attention(q[rows], k[rows, :, :n], v[rows, :, :n], dropout_p=dropout_p,
+                                           scale=scale, enable_gqa=enable_gqa)
+        outs.append(o)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+skiparse_relayout = torch.ops.osp.skiparse_relayout.default
+folded_attention = torch.ops.osp.folded_attention.default

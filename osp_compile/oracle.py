@@ -6,6 +6,11 @@ model runs its own dense attention with a boolean mask. Tests and `osp-compile d
 `masked_oracle(layout, grid, P)` patches `torch.nn.functional.scaled_dot_product_attention` so that
 the k-th video self-attention call (query and key length T*H*W) whose layout entry is token/group
 runs DENSE attention with the mask sid(i) == sid(j) computed from the formula, not from any fold.
+
+Joint text+video attention (CogVideoX, HunyuanVideo): with `text_len` and `video_offset` given, the
+calls of length T*H*W + text_len are the sites, and the mask over the joined sequence is the one of
+`joint_skiparse_mask` (text rows full; a video row sees every text key and its subsequence's video
+keys), combined with the model's own mask (e.g. text padding).
 """
 from __future__ import annotations
 
@@ -31,9 +36,30 @@ def skiparse_mask(grid, p, pattern):
     return sid[:, None] == sid[None, :]
 
 
+def joint_skiparse_mask(grid, p, pattern, video_offset, text_len):
+    """[N, N] bool over a joined sequence with the video tokens at [video_offset, video_offset + T*H*W)."""
+    video = grid[0] * grid[1] * grid[2]
+    n = video + text_len
+    is_video = torch.zeros(n, dtype=torch.bool)
+    is_video[video_offset:video_offset + video] = True
+    sid = torch.full((n,), -1, dtype=torch.long)
+    sid[is_video] = subsequence_id(grid, p, pattern)
+    same = sid[:, None] == sid[None, :]
+    return ~is_video[:, None] | ~is_video[None, :] | same
+
+
+def _combine(mask, model_mask):
+    """The model's own mask (bool or additive) restricted further by a bool mask."""
+    if model_mask is None:
+        return mask
+    if model_mask.dtype == torch.bool:
+        return model_mask & mask
+    return model_mask.masked_fill(~mask, float("-inf"))
+
+
 @contextlib.contextmanager
-def masked_oracle(layout, grid, p):
-    tokens = grid[0] * grid[1] * grid[2]
+def masked_oracle(layout, grid, p, text_len=0, video_offset=0):
+    tokens = grid[0] * grid[1] * grid[2] + text_len
     original = F.scaled_dot_product_attention
     calls = []
 
@@ -43,8 +69,8 @@ def masked_oracle(layout, grid, p):
             entry = layout[len(calls)]
             calls.append(entry)
             if entry != "full":
-                assert attn_mask is None
-                attn_mask = skiparse_mask(grid, p, entry).to(q.device)
+                mask = joint_skiparse_mask(grid, p, entry, video_offset, text_len).to(q.device)
+                attn_mask = _combine(mask, attn_mask)
         return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa)
 

@@ -94,7 +94,9 @@ def default_passes(config: OSPConfig) -> list[GraphPass]:
     from passes.canonicalize_attention import canonicalize_attention_pass
     from passes.skiparse import skiparse_pass
 
-    pipeline = [canonicalize_attention_pass, analysis_pass, skiparse_pass]
+    from passes.token_layout import token_layout_pass
+
+    pipeline = [canonicalize_attention_pass, analysis_pass, skiparse_pass, token_layout_pass]
     if config.quant is not None:
         from passes.hif8_linear import hif8_linear_pass
 
@@ -103,16 +105,25 @@ def default_passes(config: OSPConfig) -> list[GraphPass]:
         from passes.lora import lora_pass
 
         pipeline.append(lora_pass)
+    if config.sequence_parallel is not None:
+        from passes.comm_accounting import comm_accounting_pass
+        from passes.sp_grad_sync import sp_grad_sync_pass
+
+        pipeline += [sp_grad_sync_pass, comm_accounting_pass]
+    from passes.lowering import lowering_pass; pipeline.append(lowering_pass)  # noqa: E702  (last: kernels per target)
     return pipeline
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[GraphPass] | None = None) -> fx.GraphModule:
     """Run each pass in order; each returns the (rewritten) graph and its report."""
+    from .visualize.dataflow import block_graph
+
+    before = block_graph(gm)  # the captured graph's blocks, drawn by `osp-compile inspect --html`
     graph_reports = []
     for p in passes if passes is not None else default_passes(ctx.config):
         gm, rep = p(gm, ctx)
         graph_reports.append(rep)
     gm.graph.lint()
     gm.recompile()
-    ctx.report.add_graph(gm, graph_reports)
+    ctx.report.add_graph(gm, graph_reports, dataflow=(before, block_graph(gm)))
     return gm

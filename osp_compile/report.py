@@ -7,6 +7,10 @@ from typing import Any
 
 import torch.fx as fx
 
+#: Attention kinds that get an entry of the layout (full/token/group): video self-attention, and joint
+#: attention over text and video joined in one sequence (CogVideoX, HunyuanVideo).
+LAYOUT_KINDS = ("video_self", "joint")
+
 
 @dataclass
 class PassReport:
@@ -35,6 +39,7 @@ class SiteRow:
     flops_before: int
     flops_after: int
     decision: str
+    text_tokens: int = 0  # joint attention: the text tokens joined with the video ones
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
@@ -58,6 +63,8 @@ def human_flops(n: float) -> str:
 class GraphRecord:
     code: str
     passes: list[PassReport]
+    module: fx.GraphModule | None = field(default=None, repr=False, compare=False)  # the final graph (export)
+    dataflow: tuple | None = field(default=None, repr=False, compare=False)  # block graphs before/after the passes
 
 
 class OSPReport:
@@ -66,13 +73,17 @@ class OSPReport:
     def __init__(self) -> None:
         self.sites: dict[tuple, SiteRow] = {}
         self.graphs: list[GraphRecord] = []
+        self.layout_changes: dict | None = None  # token_layout pass: permutations before/after, bytes
+        self.communication: dict | None = None  # comm_accounting pass: collectives per forward
 
     # -- recording -------------------------------------------------------------------------------
     def record_site(self, key: tuple, row: SiteRow) -> None:
         self.sites[key] = row
 
-    def add_graph(self, gm: fx.GraphModule, passes: list[PassReport]) -> None:
-        self.graphs.append(GraphRecord(gm.code, passes))
+    def add_graph(self, gm: fx.GraphModule, passes: list[PassReport], dataflow: tuple | None = None) -> None:
+        """Keep a graph's code, what each pass did, the final module and (`osp_compile.visualize`) its
+        block-level dataflow before and after the passes."""
+        self.graphs.append(GraphRecord(gm.code, passes, gm, dataflow))
 
     # -- reading ---------------------------------------------------------------------------------
     @property
@@ -81,7 +92,7 @@ class OSPReport:
 
     @property
     def video_sites(self) -> list[SiteRow]:
-        return sorted((s for s in self.sites.values() if s.kind == "video_self"), key=lambda s: s.index)
+        return sorted((s for s in self.sites.values() if s.kind in LAYOUT_KINDS), key=lambda s: s.index)
 
     @property
     def layout(self) -> list[str]:
@@ -92,6 +103,11 @@ class OSPReport:
         return sum(r.flops_before for r in rows), sum(r.flops_after for r in rows)
 
     def sites_table(self) -> str:
+        return format_table(self.site_table_rows())
+
+    def site_table_rows(self) -> list[dict[str, Any]]:
+        """One dict per attention call, the columns of the sites table (text, HTML)."""
+        joint = any(s.text_tokens for s in self.site_rows)
         rows = []
         for s in self.site_rows:
             rows.append({
@@ -99,21 +115,24 @@ class OSPReport:
                 "kind": s.kind,
                 "layout": s.layout,
                 "tokens": s.tokens,
+                **({"text": s.text_tokens or "-"} if joint else {}),
                 "kv": s.kv_tokens,
                 "subseq": s.subsequence_len or "-",
                 "attn FLOPs before": human_flops(s.flops_before),
                 "after": human_flops(s.flops_after),
                 "where": s.where,
             })
-        return format_table(rows)
+        return rows
 
     def summary(self) -> str:
         before, after = self.attention_flops()
         n = len(self.video_sites)
+        joint = sum(1 for s in self.video_sites if s.kind == "joint")
         sparse = sum(1 for s in self.video_sites if s.layout in ("token", "group"))
         ratio = f"{before / after:.2f}x fewer" if after else "n/a"
+        of_which = f" (of which {joint} joint text+video)" if joint else ""
         return (
-            f"{len(self.sites)} attention call(s), {n} video self-attention site(s), {sparse} made sparse; "
+            f"{len(self.sites)} attention call(s), {n} video self-attention site(s){of_which}, {sparse} made sparse; "
             f"attention FLOPs {human_flops(before)} -> {human_flops(after)} ({ratio})"
         )
 

@@ -13,10 +13,13 @@ Inside a subsequence tokens keep frame-major order: token-wise (t h w), group-wi
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .errors import OSPConfigError
 
@@ -114,9 +117,46 @@ def unfold(y: torch.Tensor, dim: int, grid: Sequence[IntLike], p: int, pattern: 
 
 def fold_index(grid: Sequence[int], p: int, pattern: str) -> torch.Tensor:
     """[P*P, L] original token index at each folded slot (row = subsequence p*P + q), -1 for padding."""
-    t, h, w = (int(g) for g in grid)
-    idx = torch.arange(t * h * w, dtype=torch.long).view(1, -1, 1)
-    return fold(idx, 1, (t, h, w), p, pattern, pad_value=-1).view(p * p, -1)
+    return _fold_index(tuple(int(g) for g in grid), p, pattern).clone()
+
+
+@lru_cache(maxsize=None)
+def _fold_index(grid: tuple[int, int, int], p: int, pattern: str) -> torch.Tensor:
+    # index maps are compile-time constants: build them for real even inside a fake-tensor trace
+    with _disable_current_modes():
+        t, h, w = grid
+        idx = torch.arange(t * h * w, dtype=torch.long).view(1, -1, 1)
+        return fold(idx, 1, grid, p, pattern, pad_value=-1).view(p * p, -1)
+
+
+@lru_cache(maxsize=None)
+def layout_index(grid: tuple[int, int, int], p: int, pattern: str) -> np.ndarray:
+    """[P*P, L] like `fold_index`, but each subsequence lists its real tokens first (same frame-major
+    order) and its padding last, and L is the longest real length (not the padded grid's): the
+    layout the hidden state is carried in between sparse blocks. At 720P (H = 45, P = 2) it carries
+    2.2% padding instead of the padded grid's 6.7%; at 480P token-wise none.
+
+    With padding at the end, attention needs no mask: subsequences of equal real length run as one
+    dense batch on views (`real_length_classes`), and padded slots are never sent between ranks.
+    """
+    with _disable_current_modes():
+        idx = _fold_index(grid, p, pattern)
+        real_first = torch.argsort((idx < 0).to(torch.int8), dim=1, stable=True)
+        ordered = torch.gather(idx, 1, real_first)
+        longest = int((ordered >= 0).sum(dim=1).max())
+        return ordered[:, :longest].numpy()  # no slot beyond the longest real subsequence
+
+
+@lru_cache(maxsize=None)
+def real_length_classes(grid: tuple[int, int, int], p: int, pattern: str, first: int, count: int) -> tuple:
+    """Runs of consecutive subsequences [first, first+count) with equal real length: (start, stop, n)."""
+    lengths = (layout_index(grid, p, pattern)[first:first + count] >= 0).sum(axis=1).tolist()
+    runs, start = [], 0
+    for i in range(1, count + 1):
+        if i == count or lengths[i] != lengths[start]:
+            runs.append((start, i, lengths[start]))
+            start = i
+    return tuple(runs)
 
 
 def key_padding_mask(grid: Sequence[IntLike], p: int, pattern: str, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -127,3 +167,15 @@ def key_padding_mask(grid: Sequence[IntLike], p: int, pattern: str, batch: int, 
     ones = torch.ones(1, t * h * w, 1, dtype=torch.uint8, device=device)
     valid = fold(ones, 1, grid, p, pattern, pad_value=0) > 0  # [P*P, L, 1]
     return valid.view(p * p, 1, 1, -1).repeat_interleave(batch, dim=0)
+
+
+def relayout_local(x: torch.Tensor, dim: int, grid: Sequence[int], p: int, src: str, dst: str) -> torch.Tensor:
+    """Change the layout of a token tensor on one process: one row gather (fold, unfold or switch)."""
+    from .token_layouts import gather_rows, local_gather
+
+    if src == dst or {src, dst} <= {"full", "natural"}:
+        return x
+    grid = tuple(int(g) for g in grid)
+    batch = x.shape[0] // (p * p if src in PATTERNS else 1)
+    idx = local_gather(src, dst, grid, p, 1, 0, batch)
+    return gather_rows(x, dim, idx, ("local", src, dst, grid, p, batch), batch * (p * p if dst in PATTERNS else 1))

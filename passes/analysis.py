@@ -1,21 +1,25 @@
 """Analysis pass: find the attention calls, tell video self-attention from the rest, infer the grid.
 
-How: a forward dataflow over the graph that tracks, for every tensor, which of its dimensions hold
-the video tokens (frame-major, on the (T, H, W) grid). The source is the patch embedding: a 3-D
-convolution whose output [B, C, T, H, W] carries the grid in dims 2..4. Reshapes are followed by
-prefix products (sympy when sizes are symbolic), permutes by their dim order, and per-token ops
-(elementwise, linears and norms over the channel dims, reductions elsewhere, chunk/split/getitem
-on other dims) keep the annotation. Any other op that touches annotated dims ends the trail there
-and is recorded as a *stop*, so an error can name the node where the search ended.
+How: a forward dataflow over the graph that tracks, for every tensor, where its video tokens are
+(`passes/token_dims.py`: per dim, the factors it is made of, tokens read frame-major). Sources
+are patch embeddings: a Conv3d whose output [B, C, T, H, W] carries the grid in dims 2..4, or a
+Conv2d on frames folded into the batch ([B*F, C, H, W], the input a reshape of [B, F, C, H, W],
+as diffusers' CogVideoXPatchEmbed). Reshapes regroup the factors (symbolic sizes with sympy),
+permutes reorder dims, and per-token ops (elementwise, linears and norms over the channel dims,
+reductions elsewhere, splits/indexing on other dims) keep them. `cat` along the sequence dim of
+video tokens and tensors without tokens (text) makes a *joined* sequence whose video segment
+(offset, length) is tracked; slicing or splitting it gives the video tokens or the text back.
+Any other op that touches token dims ends the trail there and is recorded as a *stop*, so an error
+can name the node where the search ended.
 
-An attention call whose query, key and value all carry tokens of one origin on their sequence dim
-is video self-attention; a video query with other keys is cross-attention; the rest is "other".
-`OSPConfig.grid` overrides the inferred grid, and with it (or a grid an earlier graph of the same
-compile session found) attention calls are also classified by their sequence length.
+An attention call whose query, key and value all carry the same tokens on their sequence dim is
+video self-attention, or joint attention when that dim is a joined text+video sequence; a video
+query with other keys is cross-attention; the rest is "other". `OSPConfig.grid` overrides the
+inferred grid, and with it (or a grid an earlier graph of the same compile session found) attention
+calls are also classified by their sequence length (video self-attention only).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from osp_compile.errors import OSPAnalysisError
+from osp_compile.report import LAYOUT_KINDS
 from .fx_utils import (
     call_args,
     hint,
@@ -35,21 +40,20 @@ from .fx_utils import (
     sdpa_args,
     shape_of,
 )
-
-
-@dataclass(frozen=True)
-class TokenAxis:
-    """Consecutive dims of a tensor that hold the video tokens, frame-major, and where they came from."""
-
-    dims: tuple[int, ...]
-    grid: tuple[Any, Any, Any]
-    origin: fx.Node
-
-    def shifted(self, offset: int) -> "TokenAxis":
-        return TokenAxis(tuple(d + offset for d in self.dims), self.grid, self.origin)
-
-    def with_dims(self, dims: tuple[int, ...]) -> "TokenAxis":
-        return TokenAxis(dims, self.grid, self.origin)
+from .token_dims import (
+    JOINT,
+    OTHER,
+    TOK,
+    Factor,
+    Segment,
+    TokenAxis,
+    holds_tokens,
+    normalize_dim as normalize_layout_dim,
+    other_dim,
+    permute,
+    regroup,
+    slice_joint,
+)
 
 
 @dataclass
@@ -57,7 +61,7 @@ class AttentionSite:
     """One attention call in a graph."""
 
     node: fx.Node
-    kind: str  # "video_self" | "cross" | "other"
+    kind: str  # "video_self" | "joint" | "cross" | "other"
     batch: int
     heads: int
     q_len: int
@@ -67,9 +71,13 @@ class AttentionSite:
     origin: fx.Node | None = None
     how: str = ""  # how it was classified, or why not video self-attention
     key: tuple = ()
-    index: int | None = None  # global index among video self-attention sites (call order)
+    index: int | None = None  # global index among the sites that get a layout (call order)
     layout: str = "-"
     decision: str = ""
+    grid_sources: tuple = ()  # (node, dim) where each grid size can be read in the graph
+    video_offset: int = 0  # joint: where the video tokens start in the joined sequence
+    text_len: int = 0  # joint: how many other (text) tokens the joined sequence holds
+    unsupported: str | None = None  # why the site cannot be made sparse (a mask that varies per query, ...)
 
     @property
     def attention_flops(self) -> int:
@@ -85,7 +93,13 @@ class Analysis:
     axes: dict[fx.Node, Any] = field(default_factory=dict)
 
     @property
+    def layout_sites(self) -> list[AttentionSite]:
+        """The sites that get a layout entry: video self-attention and joint text+video attention."""
+        return [s for s in self.sites if s.kind in LAYOUT_KINDS]
+
+    @property
     def video_sites(self) -> list[AttentionSite]:
+        """Video self-attention sites alone (a pass that does not know joint attention sees only these)."""
         return [s for s in self.sites if s.kind == "video_self"]
 
 
@@ -98,6 +112,9 @@ _ELEMENTWISE = {
     "itruediv", "add_", "sub_", "mul_", "div_", "empty_like", "zeros_like", "ones_like", "full_like",
     "randn_like", "rand_like", "expand", "expand_as", "broadcast_to", "view_as_real_copy",
 }
+# elementwise ops whose other tensor arguments give only a dtype or a shape, not values
+_FIRST_ONLY = {"type_as", "to", "expand_as", "empty_like", "zeros_like", "ones_like", "full_like", "randn_like",
+               "rand_like"}
 _LINEAR = {"linear", "matmul"}
 _NORMS = {"layer_norm", "rms_norm"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "norm", "softmax", "log_softmax", "cumsum", "logsumexp"}
@@ -105,8 +122,9 @@ _PERMUTES = {"transpose", "permute", "movedim", "swapaxes", "swapdims", "mT", "t
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as"}
 _SPLITS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
 _CONV3D = {"conv3d"}
+_CONV2D = {"conv2d"}
 _MODULE_KINDS = {
-    torch.nn.Linear: "linear", torch.nn.LayerNorm: "layer_norm", torch.nn.Conv3d: "conv3d",
+    torch.nn.Linear: "linear", torch.nn.LayerNorm: "layer_norm", torch.nn.Conv3d: "conv3d", torch.nn.Conv2d: "conv2d",
     torch.nn.Dropout: "dropout", torch.nn.GELU: "gelu", torch.nn.SiLU: "silu", torch.nn.Identity: "clone",
 }
 
@@ -120,10 +138,6 @@ def _kind_of(node: fx.Node, gm: fx.GraphModule) -> str:
         return f"module:{type(mod).__name__}"
     name = op_name(node)
     return name[len("method:"):] if name.startswith("method:") else name
-
-
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if isinstance(meta_value(a), torch.Tensor)]
 
 
 class _Tracker:
@@ -156,16 +170,20 @@ class _Tracker:
             if node.op not in ("call_function", "call_method", "call_module"):
                 continue
             kind = _kind_of(node, self.gm)
-            if kind in _CONV3D:
-                self._conv3d(node)
+            if kind in _CONV3D and self._conv3d(node):
+                continue
+            if kind in _CONV2D and self._conv2d(node):
                 continue
             if is_sdpa(node):
                 self._attention(node)
                 continue
-            inputs = [a for a in _tensor_inputs(node) if a in self.axes]
-            if not inputs or (kind != "getitem" and not isinstance(meta_value(node), (torch.Tensor, tuple, list))):
-                continue
             try:
+                if kind == "setitem":
+                    self._setitem(node)
+                    continue
+                inputs = [a for a in node.all_input_nodes if a in self.axes]  # tuples too (split -> getitem)
+                if not inputs or (kind != "getitem" and not isinstance(meta_value(node), (torch.Tensor, tuple, list))):
+                    continue
                 out = self._propagate(node, kind, inputs)
             except (TypeError, ValueError, IndexError, KeyError) as exc:  # an argument form the rules do not know
                 out = None
@@ -174,18 +192,48 @@ class _Tracker:
                 self.axes[node] = out
         return self.result
 
-    def _conv3d(self, node: fx.Node) -> None:
+    def _origin(self, node: fx.Node, grid: tuple, layout: list, sources: tuple) -> bool:
+        self.axes[node] = TokenAxis(tuple(normalize_layout_dim(d) for d in layout), grid, node, sources)
+        self.result.origins.append(node)
+        return True
+
+    def _conv3d(self, node: fx.Node) -> bool:
+        """Conv3d: [B, C, T, H, W], the grid in dims 2..4."""
         shape = shape_of(node)
-        if shape is not None and len(shape) == 5:
-            self.axes[node] = TokenAxis((2, 3, 4), tuple(shape[2:]), node)
-            self.result.origins.append(node)
+        if shape is None or len(shape) != 5:
+            return False
+        b, c, t, h, w = shape
+        layout = [other_dim(b), other_dim(c), *((Factor(TOK, n),) for n in (t, h, w))]
+        return self._origin(node, (t, h, w), layout, tuple((node, d) for d in (2, 3, 4)))
+
+    def _conv2d(self, node: fx.Node) -> bool:
+        """Conv2d on frames folded into the batch: its input is [B, F, C, H, W] reshaped to [B*F, C, H, W]."""
+        shape, x = shape_of(node), node.args[0] if node.args else None
+        video = x.args[0] if isinstance(x, fx.Node) and _kind_of(x, self.gm) in _RESHAPES and x.args else None
+        vshape, xshape = shape_of(video), shape_of(x)
+        if shape is None or len(shape) != 4 or vshape is None or len(vshape) != 5 or xshape is None:
+            return False
+        b, f = vshape[0], vshape[1]
+        if not (same_size(xshape[0], b * f) and all(same_size(a, z) for a, z in zip(xshape[1:], vshape[2:]))):
+            return False
+        _, c, h, w = shape
+        layout = [(Factor(OTHER, b), Factor(TOK, f)), other_dim(c), (Factor(TOK, h),), (Factor(TOK, w),)]
+        return self._origin(node, (f, h, w), layout, ((video, 1), (node, 2), (node, 3)))
 
     def _propagate(self, node: fx.Node, kind: str, inputs: list[fx.Node]) -> Any:
-        src = inputs[0]
-        ax_in = self.axes.get(src)
         out_shape = shape_of(node)
         if kind == "getitem":
             return self._getitem(node)
+        if kind in ("cat", "concat", "stack"):
+            return self._cat(node, kind, out_shape)
+        if kind in _ELEMENTWISE and kind not in _FIRST_ONLY:
+            return self._broadcast(node, kind, inputs, out_shape)
+        if kind in _LINEAR:
+            return self._linear(node, kind, out_shape)
+        src = node.args[0] if node.args else None
+        if src not in self.axes:  # tokens only in a shape, dtype or weight argument
+            return None
+        ax_in = self.axes[src]
         if not isinstance(ax_in, TokenAxis):
             self.stop(node, f"{kind}: input is a tuple")
             return None
@@ -195,20 +243,20 @@ class _Tracker:
         if out_shape is None:
             return None
         if kind in _PERMUTES:
-            return self._permute(node, kind, ax_in, in_shape, out_shape)
+            return self._permute(node, kind, ax_in, in_shape)
         if kind in _RESHAPES:
-            return self._reshape(node, kind, ax_in, in_shape, out_shape)
-        if kind in ("cat", "concat", "stack"):
-            return self._cat(node, kind, inputs, out_shape)
-        if kind in _ELEMENTWISE:
-            return self._broadcast(node, kind, inputs, out_shape)
-        if kind in _LINEAR:
-            return self._linear(node, kind, inputs, ax_in, in_shape, out_shape)
+            layout = regroup(ax_in.layout, out_shape)
+            if layout is None:
+                self.stop(node, f"{kind} {tuple(in_shape)} -> {tuple(out_shape)} merges the token dims with other dims")
+                return None
+            return ax_in.with_layout(layout)
+        if kind in _FIRST_ONLY:
+            return self._broadcast(node, kind, [src], out_shape)
         if kind in _NORMS:
             args = call_args(node, ["input", "normalized_shape"])
             n_norm = len(args.get("normalized_shape", ())) if kind != "layer_norm" or node.op != "call_module" else len(
                 self.gm.get_submodule(node.target).normalized_shape)
-            if max(ax_in.dims) < len(in_shape) - n_norm:
+            if not any(holds_tokens(d) for d in ax_in.layout[len(in_shape) - n_norm:]):
                 return ax_in
             self.stop(node, f"{kind} normalizes over the token dims")
             return None
@@ -218,35 +266,40 @@ class _Tracker:
         return None
 
     def _broadcast(self, node, kind, inputs, out_shape):
-        mapped = None
-        for a in inputs:
-            ax = self.axes.get(a)
-            if not isinstance(ax, TokenAxis):
-                continue
-            m = ax.shifted(len(out_shape) - len(shape_of(a)))
-            if mapped is not None and (m.dims != mapped.dims or m.origin is not mapped.origin):
-                self.stop(node, f"{kind} combines tokens from different dims or sources")
+        """Elementwise: right-aligned dims; every input with tokens must agree on the dims it does not broadcast."""
+        axes = [(self.axes[a], len(shape_of(a))) for a in inputs if isinstance(self.axes.get(a), TokenAxis)]
+        first = axes[0][0]
+        if any(not ax.same_tokens(first) for ax, _ in axes):
+            self.stop(node, f"{kind} combines tokens from different sources")
+            return None
+        layout = []
+        for j, size in enumerate(out_shape):
+            dims = {ax.layout[j - len(out_shape) + rank] for ax, rank in axes if j - len(out_shape) + rank >= 0}
+            dims.discard(())
+            if len(dims) > 1:
+                self.stop(node, f"{kind} combines tensors whose dim {j} holds different tokens")
                 return None
-            mapped = m
-        in_shape = shape_of(inputs[0])
-        ax0 = self.axes[inputs[0]]
-        for d_out, d_in in zip(mapped.dims, ax0.dims):
-            if not same_size(out_shape[d_out], in_shape[d_in]):
+            dim = dims.pop() if dims else other_dim(size)
+            if holds_tokens(dim) and not same_size(product(f.size for f in dim), size):
                 self.stop(node, f"{kind} changes the size of a token dim")
                 return None
-        return mapped
+            layout.append(dim)
+        return first.with_layout(layout)
 
-    def _linear(self, node, kind, inputs, ax_in, in_shape, out_shape):
-        if len(inputs) > 1 and self.axes.get(inputs[1]) is not None:
-            self.stop(node, f"{kind} contracts two token tensors (an attention product not canonicalized)")
+    def _linear(self, node, kind, out_shape):
+        x = node.args[0]
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight", node.kwargs.get("other"))
+        if self.axis(w) is not None:
+            self.stop(node, f"{kind} contracts two token tensors (an attention product not canonicalized)"
+                      if self.axis(x) is not None else f"{kind} has the token tensor as its right operand")
             return None
-        if node.args and node.args[0] is not inputs[0]:
-            self.stop(node, f"{kind} has the token tensor as its right operand")
+        ax_in = self.axis(x)
+        if ax_in is None:
             return None
-        if max(ax_in.dims) >= len(in_shape) - 1:
+        if holds_tokens(ax_in.layout[-1]) or len(out_shape) != len(ax_in.layout):
             self.stop(node, f"{kind} contracts over the token dim")
             return None
-        return ax_in.shifted(len(out_shape) - len(in_shape))
+        return ax_in.with_layout((*ax_in.layout[:-1], other_dim(out_shape[-1])))
 
     def _reduction(self, node, kind, ax_in, in_shape, out_shape):
         args = call_args(node, ["input", "dim"])
@@ -254,17 +307,18 @@ class _Tracker:
         if dims is None:
             self.stop(node, f"{kind} reduces over all dims")
             return None
-        if set(dims) & set(ax_in.dims):
+        if any(holds_tokens(ax_in.layout[d]) for d in dims):
             self.stop(node, f"{kind} over dim {dims} mixes tokens")
             return None
-        if len(out_shape) == len(in_shape):
-            return ax_in
-        return ax_in.shifted(-sum(1 for d in dims if d < ax_in.dims[0]))
+        if len(out_shape) == len(in_shape):  # keepdim, or a softmax/cumsum along a channel dim
+            return ax_in.with_layout([() if d in dims and same_size(out_shape[d], 1) else ax_in.layout[d]
+                                      for d in range(len(in_shape))])
+        return ax_in.with_layout([ax_in.layout[d] for d in range(len(in_shape)) if d not in dims])
 
-    def _permute(self, node, kind, ax_in, in_shape, out_shape):
+    def _permute(self, node, kind, ax_in, in_shape):
         n = len(in_shape)
         order = list(range(n))
-        args = list(node.args[1:] if node.op == "call_method" else node.args[1:])
+        args = list(node.args[1:])
         if kind in ("mT",):
             order[-1], order[-2] = order[-2], order[-1]
         elif kind == "t":
@@ -282,32 +336,33 @@ class _Tracker:
             src, dst = normalize_dim(a["source"], n), normalize_dim(a["destination"], n)
             order.remove(src)
             order.insert(dst, src)
-        new = tuple(j for j in range(n) if order[j] in ax_in.dims)
-        if [order[j] for j in new] != list(ax_in.dims) or any(b - a != 1 for a, b in zip(new, new[1:])):
-            self.stop(node, f"{kind} splits or reorders the token dims")
+        layout = permute(ax_in.layout, order)
+        if layout is None:
+            self.stop(node, f"{kind} reorders the token dims")
             return None
-        return ax_in.with_dims(new)
+        return ax_in.with_layout(layout)
 
-    def _reshape(self, node, kind, ax_in, in_shape, out_shape):
-        pre = product(in_shape[: ax_in.dims[0]])
-        t, h, w = ax_in.grid
-        boundaries = [t, t * h, t * h * w]
-        # find where the token block starts in the output, skipping size-1 dims
-        start = None
-        for a in range(len(out_shape)):
-            if same_size(product(out_shape[:a]), pre) and not (same_size(out_shape[a], 1) and not same_size(t, 1)):
-                start = a
-                break
-        if start is not None:
-            acc = 1
-            for b in range(start, len(out_shape)):
-                acc = acc * out_shape[b]
-                if not any(same_size(acc, x) for x in boundaries):
-                    break
-                if same_size(acc, boundaries[-1]):
-                    return ax_in.with_dims(tuple(range(start, b + 1)))
-        self.stop(node, f"{kind} {tuple(in_shape)} -> {tuple(out_shape)} merges the token dims with other dims")
-        return None
+    def _pieces(self, node, ax_in, dim, sizes) -> list | None:
+        """The token axes of consecutive pieces of `dim` with these sizes (split, chunk, ...)."""
+        d = ax_in.layout[dim]
+        if not holds_tokens(d):
+            return [ax_in.with_layout([other_dim(s) if i == dim else x for i, x in enumerate(ax_in.layout)])
+                    for s in sizes]
+        if d[0].kind != JOINT or len(d) != 1:
+            self.stop(node, "split along the token dim")
+            return None
+        if not all(isinstance(s, int) for s in sizes):
+            self.stop(node, "split of the joined text+video sequence into pieces of symbolic length")
+            return None
+        out, start = [], 0
+        for s in sizes:
+            piece, reason = slice_joint(ax_in, dim, start, start + s)
+            if reason is not None:
+                self.stop(node, f"split of the joined text+video sequence: {reason}")
+                return None
+            out.append(piece)
+            start += s
+        return out
 
     def _split(self, node, kind, ax_in, in_shape):
         args = call_args(node, ["input", "split_size_or_sections" if kind != "unbind" else "dim", "dim"])
@@ -315,12 +370,55 @@ class _Tracker:
             dim = normalize_dim(args.get("dim", 0), len(in_shape))
         else:
             dim = normalize_dim(node.kwargs.get("dim", args.get("dim", 0)), len(in_shape))
-        if dim in ax_in.dims:
-            self.stop(node, f"{kind} along the token dim")
-            return None
         out = meta_value(node)
-        shift = -1 if (kind == "unbind" and dim < ax_in.dims[0]) else 0
-        return [ax_in.shifted(shift) for _ in range(len(out))]
+        if kind == "unbind":
+            if holds_tokens(ax_in.layout[dim]):
+                self.stop(node, "unbind along the token dim")
+                return None
+            return [ax_in.with_layout(ax_in.layout[:dim] + ax_in.layout[dim + 1:]) for _ in range(len(out))]
+        return self._pieces(node, ax_in, dim, [o.shape[dim] for o in out])
+
+    def _index(self, node, src, idx) -> tuple[TokenAxis | None, str | None]:
+        """The token axis of src[idx] (basic indexing), or (None, reason it cannot be followed)."""
+        ax = self.axis(src)
+        in_shape = shape_of(src)
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if any(i is Ellipsis for i in items):
+            k = items.index(Ellipsis)
+            consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+            items = items[:k] + [slice(None)] * (len(in_shape) - consumed) + items[k + 1:]
+        items += [slice(None)] * (len(in_shape) - sum(1 for i in items if i is not None))
+        layout, in_dim, joint_cut = [], 0, None
+        for it in items:
+            if it is None:
+                layout.append(())
+                continue
+            dim, n = ax.layout[in_dim], in_shape[in_dim]
+            if isinstance(it, fx.Node) or not isinstance(it, (int, slice)):
+                return None, ("tensor index on the token dims" if holds_tokens(dim) else "advanced indexing")
+            if isinstance(it, int):
+                if holds_tokens(dim):
+                    return None, "indexing selects part of the tokens"
+            elif it == slice(None):
+                layout.append(dim)
+            elif not isinstance(n, int) or any(isinstance(v, fx.Node) for v in (it.start, it.stop, it.step)):
+                return None, "a slice with symbolic bounds"
+            else:
+                start, stop, step = it.indices(n)
+                if not holds_tokens(dim):
+                    layout.append(other_dim(len(range(start, stop, step))))
+                elif (start, stop, step) == (0, n, 1):
+                    layout.append(dim)
+                elif dim == (dim[0],) and dim[0].kind == JOINT and step == 1:
+                    joint_cut = (len(layout), start, stop)
+                    layout.append(dim)
+                else:
+                    return None, "indexing selects part of the tokens"
+            in_dim += 1
+        out = ax.with_layout(layout)
+        if joint_cut is not None and out is not None:
+            return slice_joint(out, *joint_cut)
+        return out, None
 
     def _getitem(self, node):
         src, idx = node.args[0], node.args[1]
@@ -329,52 +427,65 @@ class _Tracker:
             return ax[idx] if isinstance(idx, int) and idx < len(ax) else None
         if not isinstance(ax, TokenAxis):
             return None
-        in_shape = shape_of(src)
-        items = list(idx) if isinstance(idx, tuple) else [idx]
-        if any(i is Ellipsis for i in items):
-            k = items.index(Ellipsis)
-            consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
-            items = items[:k] + [slice(None)] * (len(in_shape) - consumed) + items[k + 1:]
-        out_dim, in_dim, new = 0, 0, []
-        for it in items:
-            if it is None:
-                out_dim += 1
-                continue
-            if isinstance(it, fx.Node) or not isinstance(it, (int, slice)):
-                if in_dim in ax.dims:
-                    self.stop(node, "tensor index on the token dims")
-                    return None
-                self.stop(node, "advanced indexing")
-                return None
-            if in_dim in ax.dims:
-                if not (isinstance(it, slice) and it == slice(None)):
-                    self.stop(node, "indexing selects part of the tokens")
-                    return None
-                new.append(out_dim)
-            if isinstance(it, slice):
-                out_dim += 1
-            in_dim += 1
-        for d in range(in_dim, len(in_shape)):
-            if d in ax.dims:
-                new.append(out_dim)
-            out_dim += 1
-        return ax.with_dims(tuple(new))
+        out, reason = self._index(node, src, idx)
+        if reason is not None:
+            self.stop(node, reason)
+        return out
 
-    def _cat(self, node, kind, inputs, out_shape):
+    def _setitem(self, node):
+        """x[idx] = value, in place: the values written must be the tokens already at those places."""
+        target, idx, value = node.args[:3]
+        if self.axis(target) is None:
+            if self.axis(value) is not None:
+                self.stop(node, "writes video tokens into a tensor without tokens")
+            return
+        region, reason = self._index(node, target, idx)
+        va = self.axis(value)
+        if reason is None and va is not None:
+            lead = len(region.layout) - len(va.layout) if region is not None else 0
+            if region is None or lead < 0 or not va.same_tokens(region) or any(
+                    d != r for d, r in zip(va.layout, region.layout[lead:]) if d):
+                reason = "writes tokens at other places than where they were"
+        if reason is not None:
+            self.stop(node, f"in-place write: {reason}")
+            del self.axes[target]
+
+    def _cat(self, node, kind, out_shape):
         args = call_args(node, ["tensors", "dim"], {"dim": 0})
-        axes = [self.axes.get(a) for a in args["tensors"]]
-        if any(not isinstance(a, TokenAxis) for a in axes) or len({(a.dims, a.origin) for a in axes}) != 1:
-            self.stop(node, f"{kind} joins video tokens with other tensors (joint attention is not followed yet)")
+        tensors = list(args["tensors"])
+        axes = [self.axis(t) for t in tensors]
+        tracked = [(i, a) for i, a in enumerate(axes) if a is not None]
+        if not tracked:
             return None
-        ax = axes[0]
-        n_in = len(shape_of(args["tensors"][0]))
-        dim = normalize_dim(args["dim"], n_in + (1 if kind == "stack" else 0))
-        if kind == "cat":
-            if dim in ax.dims:
-                self.stop(node, "cat along the token dim")
+        dim = normalize_dim(args["dim"], len(out_shape))
+        first = tracked[0][1]
+        if any(not a.same_tokens(first) for _, a in tracked):
+            self.stop(node, f"{kind} joins tokens from different sources")
+            return None
+        if kind == "stack":
+            if any(a.layout != first.layout for _, a in tracked):
+                self.stop(node, "stack of tensors that hold tokens in different dims")
                 return None
-            return ax
-        return ax.shifted(1) if dim <= ax.dims[0] else ax
+            return first.with_layout([*first.layout[:dim], other_dim(len(tensors)), *first.layout[dim:]])
+        on_seq = [(i, a) for i, a in tracked if holds_tokens(a.layout[dim])]
+        if not on_seq:
+            rest = {a.layout[:dim] + a.layout[dim + 1:] for _, a in tracked}
+            if len(rest) != 1:
+                self.stop(node, f"{kind} joins tensors that hold tokens in different dims")
+                return None
+            return first.with_layout([other_dim(out_shape[d]) if d == dim else x for d, x in enumerate(first.layout)])
+        if len(tracked) != 1:
+            self.stop(node, f"{kind} along the sequence joins video tokens with other token tensors")
+            return None
+        i, ax = on_seq[0]
+        seq = ax.layout[dim]
+        sizes = [shape_of(t)[dim] for t in tensors]
+        if len(seq) != 1 or not all(isinstance(s, int) for s in sizes):
+            self.stop(node, f"{kind} along a dim that holds tokens and other factors, or of symbolic length")
+            return None
+        inner = ax.segment.offset if seq[0].kind == JOINT else 0
+        layout = [(Factor(JOINT, sum(sizes)),) if d == dim else x for d, x in enumerate(ax.layout)]
+        return ax.with_layout(layout, segment=Segment(sum(sizes[:i]) + inner, sum(sizes)))
 
     def _attention(self, node: fx.Node) -> None:
         a = sdpa_args(node)
@@ -385,17 +496,28 @@ class _Tracker:
             heads=hint(qs[-3]) if len(qs) >= 3 else 1, q_len=hint(qs[-2]), kv_len=hint(ks[-2]), head_dim=hint(qs[-1]),
         )
         qa, ka, va = (self.axis(x) for x in (q, k, v))
-        seq = lambda ax, shape: ax is not None and ax.dims == (len(shape) - 2,)  # noqa: E731
-        if seq(qa, qs) and seq(ka, ks) and seq(va, shape_of(v)) and ka.origin is qa.origin and va.origin is qa.origin:
-            site.kind, site.grid, site.origin = "video_self", qa.grid, qa.origin
-            site.how = "tokens followed from the patch embedding"
-        elif seq(qa, qs):
+        on_seq = lambda ax, x: ax is not None and ax.seq_dim() == len(shape_of(x)) - 2  # noqa: E731
+        if on_seq(qa, q) and on_seq(ka, k) and on_seq(va, v) and ka.same_tokens(qa) and va.same_tokens(qa):
+            site.grid, site.origin, site.grid_sources = qa.grid, qa.origin, qa.sources
+            if qa.is_joint:
+                site.kind, site.video_offset = "joint", qa.segment.offset
+                site.text_len = site.q_len - hint(product(qa.grid))
+                site.how = (f"joint text+video attention: {site.text_len} text tokens, video tokens at "
+                            f"[{site.video_offset}, {site.video_offset + site.q_len - site.text_len}) of the sequence")
+                mask = a["attn_mask"]
+                if mask is not None and (shape_of(mask) is None or (len(shape_of(mask)) >= 2 and shape_of(mask)[-2] != 1)):
+                    site.unsupported = "the attention mask varies per query (only a key mask, e.g. text padding, is kept)"
+            else:
+                site.kind, site.how = "video_self", "tokens followed from the patch embedding"
+        elif on_seq(qa, q) and not qa.is_joint:
             site.kind, site.grid, site.origin = "cross", qa.grid, qa.origin
             site.how = "video queries, keys from elsewhere"
+        elif on_seq(qa, q):
+            site.how = "joint text+video queries whose keys or values are not the same joined sequence"
         else:
             site.how = "query is not video tokens on its sequence dim"
-        if qa is not None and seq(qa, qs):
-            self.axes[node] = qa
+        if on_seq(qa, q):
+            self.axes[node] = qa.with_layout((*qa.layout[:-1], other_dim(shape_of(node)[-1])))
         self.result.sites.append(site)
 
 
@@ -408,7 +530,7 @@ def classify_by_grid(analysis: Analysis, grid: tuple[int, int, int]) -> None:
     """With a known grid, classify the remaining attention calls by their sequence lengths."""
     tokens = grid[0] * grid[1] * grid[2]
     for site in analysis.sites:
-        if site.kind == "video_self":
+        if site.kind in LAYOUT_KINDS:
             continue
         if site.q_len == tokens and site.kv_len == tokens:
             site.kind, site.grid, site.how = "video_self", tuple(grid), "sequence length equals T*H*W of the grid"
@@ -418,7 +540,8 @@ def classify_by_grid(analysis: Analysis, grid: tuple[int, int, int]) -> None:
 
 def describe_stops(analysis: Analysis, limit: int = 3) -> str:
     if not analysis.origins:
-        return "no patch embedding (3-D convolution with a [B, C, T, H, W] output) was found in this graph"
+        return ("no patch embedding (a 3-D convolution with a [B, C, T, H, W] output, or a 2-D convolution on "
+                "frames folded into the batch) was found in this graph")
     if not analysis.stops:
         return "the token dims were followed but reached no attention call"
     parts = [f"node '{n.name}' ({r})" for n, r in analysis.stops[:limit]]
@@ -453,40 +576,41 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
     cfg, reg = ctx.config, ctx.registry
     if cfg.grid is not None:
         tokens = cfg.grid[0] * cfg.grid[1] * cfg.grid[2]
-        for s in an.video_sites:
-            if s.q_len != tokens:
+        for s in an.layout_sites:
+            if s.q_len - s.text_len != tokens:
                 raise OSPAnalysisError(
                     f"OSPConfig.grid={cfg.grid} has {tokens} tokens but the video self-attention at node "
-                    f"'{s.node.name}' has {s.q_len}: give the token grid after patch embedding."
+                    f"'{s.node.name}' has {s.q_len - s.text_len}: give the token grid after patch embedding."
                 )
-            s.grid, s.origin, s.how = tuple(cfg.grid), None, "grid from OSPConfig.grid"
+            s.grid, s.origin, s.grid_sources, s.how = tuple(cfg.grid), None, (), "grid from OSPConfig.grid"
         classify_by_grid(an, cfg.grid)
-    elif not an.video_sites and reg.grid is not None:
+    elif not an.layout_sites and reg.grid is not None:
         classify_by_grid(an, reg.grid)
-    if an.video_sites and reg.grid is None:
-        reg.grid = tuple(hint(g) for g in an.video_sites[0].grid)
+    if an.layout_sites and reg.grid is None:
+        reg.grid = tuple(hint(g) for g in an.layout_sites[0].grid)
     ctx.analysis = an
-    if an.sites and not an.video_sites and not reg.keys:
+    if an.sites and not an.layout_sites and not reg.keys:
         err = no_grid_error(an)
         if cfg.on_unsupported == "error":
             raise err
         for s in an.sites:
             s.decision = f"kept dense: {err}"
     _keyed(an.sites)
-    for s in an.video_sites:
+    for s in an.layout_sites:
         s.index = reg.index_of(s.key)
-    layouts = reg.layouts(len(an.video_sites)) if an.video_sites else []
+    layouts = reg.layouts(len(an.layout_sites)) if an.layout_sites else []
     for s in an.sites:
-        if s.kind == "video_self":
+        if s.kind in LAYOUT_KINDS:
             s.layout = layouts[s.index]
         ctx.report.record_site(s.key, SiteRow(
             where=s.key[0] or s.node.name, kind=s.kind, index=s.index, layout=s.layout, batch=s.batch,
             heads=s.heads, tokens=s.q_len, kv_tokens=s.kv_len, head_dim=s.head_dim,
             grid=tuple(hint(g) for g in s.grid) if s.grid else None, subsequence_len=None,
             flops_before=s.attention_flops, flops_after=s.attention_flops, decision=s.decision or s.how,
+            text_tokens=s.text_len,
         ))
-    kinds = {k: sum(1 for s in an.sites if s.kind == k) for k in ("video_self", "cross", "other")}
+    kinds = {k: sum(1 for s in an.sites if s.kind == k) for k in ("video_self", "joint", "cross", "other")}
     grid = reg.grid if reg.grid else "unknown"
-    summary = (f"{len(an.sites)} attention call(s): {kinds['video_self']} video self, {kinds['cross']} cross, "
-               f"{kinds['other']} other; grid {grid}")
+    summary = (f"{len(an.sites)} attention call(s): {kinds['video_self']} video self, {kinds['joint']} joint "
+               f"text+video, {kinds['cross']} cross, {kinds['other']} other; grid {grid}")
     return gm, PassReport("analysis", summary, [{"node": s.node.name, "kind": s.kind, "how": s.how} for s in an.sites])

@@ -128,12 +128,15 @@ def param_fqn(node: Any) -> str | None:
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
-    if not name or "_parameters[" not in name:
+    example = getattr(grapharg, "example", None)
+    if not name or not ("_parameters[" in name or isinstance(example, torch.nn.Parameter)):
         return None
     import re
 
-    parts = re.findall(r"_(?:modules|parameters)\['([^']+)'\]", name)
-    return ".".join(parts) or None
+    path = re.sub(r"^L\['self'\]\.?", "", name)
+    path = re.sub(r"(?:__dict__\[')?_(?:modules|parameters|buffers)'?\]?\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return ".".join(p for p in path.split(".") if p) or None
 
 
 # F.linear and the osp:: linears that replace it (their first three arguments are input, weight, bias)
@@ -144,7 +147,7 @@ def linear_calls(gm: fx.GraphModule) -> list[dict]:
     """Every linear layer call of the graph: F.linear / aten.linear, or matmul/addmm/mm on a weight.
 
     Returns dicts with the call `node`, its `input`, `weight` and `bias` nodes (bias may be None),
-    whether the weight is `transposed` in the call (x @ W^T as linear, or x @ W for a raw matmul),
+    the call's `form` (``linear``/osp linear ops compute x @ W^T; ``matmul``/``mm``/``addmm`` x @ W),
     and the weight's parameter name `fqn` when it is a parameter.
     """
     out = []

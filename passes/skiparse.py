@@ -2,14 +2,18 @@
 attention by `osp::skiparse_attention` (pad H and W to multiples of P*P, fold the P*P subsequences
 into the batch, run the same dense attention with padded keys masked, undo).
 
+Joint text+video sites (CogVideoX, HunyuanVideo: one attention over text and video joined) get
+`osp::skiparse_joint_attention` instead: video queries attend the text keys and their own
+subsequence, text queries stay full; the model's key mask (text padding) is kept.
+
 RoPE needs nothing here: the call sits after RoPE, so every token keeps its original position.
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from osp_compile.errors import OSPUnsupportedError
+from osp_compile.joint_attention import skiparse_attention_flops, skiparse_joint_attention
 from osp_compile.ops import skiparse_attention
 from osp_compile.report import PassReport
 from osp_compile.skiparse_layout import check_fits, subsequence_length
@@ -17,22 +21,30 @@ from .fx_utils import hint, sdpa_args
 
 
 def _grid_args(g: fx.Graph, site) -> list:
-    """The grid as call arguments: ints, or `size()` nodes of the patch-embedding output if symbolic."""
-    out = []
-    for i, n in enumerate(site.grid):
-        if isinstance(n, int):
-            out.append(n)
-        else:
-            out.append(g.call_method("size", (site.origin, 2 + i)))
-    return out
+    """The grid as call arguments: ints, or `size()` nodes where the analysis read a symbolic size."""
+    sources = site.grid_sources or (None,) * 3  # a grid from OSPConfig.grid or the sequence length: ints
+    return [n if isinstance(n, int) else g.call_method("size", src) for n, src in zip(site.grid, sources)]
 
 
-def _unsupported_reason(a: dict) -> str | None:
-    if a["attn_mask"] is not None:
-        return "the attention call has an attn_mask"
+def _unsupported_reason(site, a: dict) -> str | None:
     if a["is_causal"]:
         return "the attention call is causal"
+    if site.kind == "joint":
+        return site.unsupported
+    if a["attn_mask"] is not None:
+        return "the attention call has an attn_mask"
     return None
+
+
+def _rewrite(g: fx.Graph, site, a: dict, p: int) -> fx.Node:
+    """Insert the sparse op for `site` before its attention call and return it."""
+    options = {"dropout_p": a["dropout_p"], "scale": a["scale"], "enable_gqa": a["enable_gqa"]}
+    with g.inserting_before(site.node):
+        t, h, w = _grid_args(g, site)
+        if site.kind == "joint":
+            return g.call_function(skiparse_joint_attention, (
+                a["query"], a["key"], a["value"], a["attn_mask"], t, h, w, p, site.layout, site.video_offset), options)
+        return g.call_function(skiparse_attention, (a["query"], a["key"], a["value"], t, h, w, p, site.layout), options)
 
 
 def skiparse_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
@@ -40,13 +52,13 @@ def skiparse_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
     p = cfg.sparse_ratio
     g = gm.graph
     rows, rewritten = [], 0
-    for site in an.video_sites:
+    for site in an.layout_sites:
         row = ctx.report.sites[site.key]
         if site.layout == "full":
             row.decision = "full attention (layout)"
             continue
         a = sdpa_args(site.node)
-        reason = _unsupported_reason(a)
+        reason = _unsupported_reason(site, a)
         if reason is not None:
             msg = f"site {site.index} (node '{site.node.name}', {row.where}): {reason}; Skiparse cannot keep its meaning."
             if cfg.on_unsupported == "error":
@@ -55,20 +67,17 @@ def skiparse_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
             continue
         grid_hint = tuple(hint(x) for x in site.grid)
         check_fits(grid_hint, p, site.layout, where=f" at site {site.index} (node '{site.node.name}')")
-        with g.inserting_before(site.node):
-            t, h, w = _grid_args(g, site)
-            new = g.call_function(
-                skiparse_attention, (a["query"], a["key"], a["value"], t, h, w, p, site.layout),
-                {"dropout_p": a["dropout_p"], "scale": a["scale"], "enable_gqa": a["enable_gqa"]},
-            )
+        new = _rewrite(g, site, a, p)
         new.meta.update(site.node.meta)
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
         site.node = new
         sub = subsequence_length(grid_hint, p)
         row.subsequence_len = sub
-        row.flops_after = 4 * site.batch * site.heads * p * p * sub * sub * site.head_dim
+        row.flops_after = skiparse_attention_flops(site.batch, site.heads, site.head_dim, grid_hint, p, site.text_len)
         row.decision = f"{site.layout}-wise Skiparse, P={p}, {p * p} subsequences of {sub} tokens"
+        if site.kind == "joint":
+            row.decision += f", each with the {site.text_len} text keys; text queries full"
         rows.append({"site": site.index, "layout": site.layout, "subsequence_len": sub})
         rewritten += 1
     gm.recompile()

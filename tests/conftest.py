@@ -1,6 +1,9 @@
 import os
 import sys
 
+# idle OpenMP threads must not spin: tests share two cores with spawned ranks and each other
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

@@ -21,7 +21,7 @@ def test_inspect_tiny_prints_sites_and_code(capsys, tmp_path):
     assert main(["inspect", "--model", "tiny", "--layers", "4", "--num-full-blocks", "2", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "video_self" in out and "token" in out and "group" in out
-    assert "torch.ops.osp.skiparse_attention" in out  # the rewritten graph's code
+    assert "torch.ops.osp." in out  # the rewritten graph's code (which osp ops depends on the passes run)
     data = json.loads(path.read_text())
     assert [s["layout"] for s in data["sites"] if s["kind"] == "video_self"] == ["full", "token", "group", "full"]
 

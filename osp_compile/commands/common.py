@@ -19,7 +19,8 @@ def parse_layout(text: str) -> str | list[str]:
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default: str = "tiny") -> None:
-    p.add_argument("--model", default=default, help="reference preset (tiny, wan-1.3b, wan-14b) or module:callable")
+    p.add_argument("--model", default=default, help="reference preset (tiny, wan-1.3b, wan-14b), a tiny diffusers "
+                   "DiT (diffusers:Wan, diffusers:CogVideoX, diffusers:HunyuanVideo), or module:callable")
     p.add_argument("--resolution", default=None, help="480p, 720p or 768p (81 frames); default: the preset's small video")
     p.add_argument("--latent", type=parse_latent, default=None, help="latent video shape F,H,W instead of --resolution")
     p.add_argument("--layers", type=int, default=None, help="build the preset with this many blocks")
@@ -41,8 +42,9 @@ def config_from_args(args: argparse.Namespace, num_sites_hint: int | None = None
     return OSPConfig(sparse_ratio=args.sparse_ratio, layout=args.layout, num_full_blocks=full)
 
 
-def load_from_args(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace, **overrides):
+    """(model, args, kwargs) of `--model`; `overrides` are further options of `models.load` (e.g. dtype)."""
     from ..models import load
 
     options = {"resolution": args.resolution, "latent": args.latent, "layers": args.layers, "device": args.device}
-    return load(args.model, **{k: v for k, v in options.items() if v is not None})
+    return load(args.model, **{k: v for k, v in options.items() if v is not None}, **overrides)

@@ -1,0 +1,32 @@
+"""`osp-compile bench`: one denoising step, dense vs OSP, side by side (see osp_compile.bench)."""
+from __future__ import annotations
+
+import argparse
+
+from ..bench import VARIANTS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="wan-1.3b", help="reference preset: tiny, wan-1.3b, wan-14b")
+    p.add_argument("--resolution", default="480p", help="480p, 720p or 768p (81 frames)")
+    p.add_argument("--layers", type=int, default=None, help="layer-reduced model (the table says so)")
+    p.add_argument("--num-full-blocks", type=int, default=None, help="default: the paper's 14B ratio, 8 of 40")
+    p.add_argument("--sparse-ratio", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--device", default="cuda", help="cuda (timings to report) or cpu (smoke test only)")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
+    p.add_argument("--json", default=None, help="write the result here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import dump, run as run_bench, table
+
+    result = run_bench(args.preset, args.resolution, args.layers, args.num_full_blocks, args.sparse_ratio,
+                       [v for v in args.variants.split(",") if v], args.warmup, args.iters, args.device,
+                       profile=not args.no_profile)
+    if args.json:
+        dump(result, args.json)
+    print(table(result))
+    return 0 if all(r["median_ms"] for r in result["rows"]) else 1

@@ -1,0 +1,51 @@
+"""SP gradient sync pass: every trainable parameter passes once through `osp::sp_grad_sync`.
+
+Under sequence parallelism each rank back-propagates only its own tokens, so parameter gradients
+are partial sums; the op is an identity forward whose backward all-reduces (SUM) the gradient over
+the SP group, inside the autograd graph - so `loss.backward()` alone leaves every rank with the
+single-process gradient, with no hooks to forget. It runs after the passes that add parameters
+(LoRA adapters), so those are synced too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from osp_compile.report import PassReport
+from .fx_utils import meta_value, param_fqn
+from .token_layout import sp_info
+
+
+def _trainable_params(gm: fx.GraphModule) -> list[fx.Node]:
+    out = []
+    for n in gm.graph.nodes:
+        if param_fqn(n) is None:
+            continue
+        v = meta_value(n)
+        if n.op == "get_attr":
+            v = gm.get_parameter(n.target) if isinstance(getattr(gm, n.target.split(".")[0], None), torch.nn.Module) or \
+                hasattr(gm, n.target) else None
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            out.append(n)
+    return out
+
+
+def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
+    sp = sp_info(ctx.config)
+    if sp.world <= 1:
+        return gm, PassReport("sp_grad_sync", "one rank: nothing to sync")
+    from osp_compile.distributed import sp_grad_sync
+
+    params = _trainable_params(gm)
+    for p in params:
+        users = list(p.users)
+        if not users:
+            continue
+        first = next(n for n in gm.graph.nodes if n in users)
+        with gm.graph.inserting_before(first):
+            synced = gm.graph.call_function(sp_grad_sync, (p, sp.group))
+        for u in users:
+            u.replace_input_with(p, synced)
+    gm.recompile()
+    return gm, PassReport("sp_grad_sync", f"{len(params)} parameter(s) all-reduce their gradient over {sp.world} ranks "
+                                          f"in backward", [{"param": param_fqn(p)} for p in params])

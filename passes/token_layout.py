@@ -1,0 +1,447 @@
+"""Token-layout pass: one permutation per pattern switch (local equivalence), SSP and Ulysses.
+
+The Skiparse pass rearranges q, k, v and the output at every sparse site (four permutations).
+Here the rearrangement moves onto the hidden state instead: every token tensor of the graph gets a
+*layout* (`osp_compile.token_layouts`) and runs in it, so per-token work (norms, linears,
+modulation, FFN, cross-attention) happens in the folded layout, and the layout changes only where
+the model moves from one attention site's block to the next.
+
+Where the change happens is read from the graph: the *anchor* of a site is the residual-stream
+tensor entering its block - found by walking up the dominator tree of the site's q, k, v (over
+token tensors only) until a node also feeds something else (the residual add). Every token node
+then takes the layout of the latest anchor above it, so each anchor's output is converted once,
+shared by all its consumers: exactly one relayout per block boundary. An op that cannot run in a
+folded layout (it mixes tokens, slices the batch, reads a size, has symbolic shape arguments)
+is *blocking*: it gets the natural layout, and the report names it.
+
+With a process group of S ranks (`OSPConfig(sequence_parallel="ssp" | "ulysses")`), the layouts
+are sharded: ``ssp`` runs sparse sites on whole subsequences held locally (their switch is one
+all-to-all) and full sites with Ulysses; ``ulysses`` runs every site with Ulysses (four
+all-to-alls per attention). Before the first block the graph runs replicated; the last relayout
+is one gather. See `osp_compile/distributed.py` for how gradients are made exact.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from osp_compile.ops import folded_attention, skiparse_attention, skiparse_relayout
+from osp_compile.report import PassReport
+from osp_compile.token_layouts import FOLDED, batch_multiplier, check_world, local_tokens
+from .analysis import _ELEMENTWISE, _LINEAR, _NORMS, _PERMUTES, _REDUCTIONS, _RESHAPES, _SPLITS, TokenAxis, _kind_of
+from .fx_utils import call_args, hint, is_sdpa, meta_value, normalize_dim, sdpa_args, shape_of
+
+_SIZED = {"view", "reshape", "expand", "broadcast_to"}
+
+
+@dataclass
+class SPInfo:
+    mode: str | None  # None (one process), "ssp", "ulysses"
+    world: int = 1
+    rank: int = 0
+    group: str = ""
+
+
+def sp_info(config) -> SPInfo:
+    if config.sequence_parallel is None:
+        return SPInfo(None)
+    import torch.distributed as dist
+
+    from osp_compile.distributed import PlanningGroup
+    from osp_compile.errors import OSPConfigError
+
+    if isinstance(config.sp_group, PlanningGroup):
+        return SPInfo(config.sequence_parallel, config.sp_group.world, config.sp_group.rank, config.sp_group.group_name)
+    if not dist.is_available() or not dist.is_initialized():
+        raise OSPConfigError(
+            f"sequence_parallel={config.sequence_parallel!r} needs torch.distributed initialised (e.g. launched with "
+            f"torchrun and dist.init_process_group) before the model is converted."
+        )
+    group = config.sp_group or dist.group.WORLD
+    return SPInfo(config.sequence_parallel, dist.get_world_size(group), dist.get_rank(group), group.group_name)
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, ctx):
+        self.gm, self.g, self.ctx = gm, gm.graph, ctx
+        self.cfg = ctx.config
+        self.p = self.cfg.sparse_ratio
+        self.sp = sp_info(self.cfg)
+        an = ctx.analysis
+        self.sites = [s for s in an.video_sites if s.node.graph is self.g]
+        self.grid = tuple(hint(x) for x in self.sites[0].grid)
+        self.tokens_total = self.grid[0] * self.grid[1] * self.grid[2]
+        live = set(self.g.nodes)
+        self.dim: dict[fx.Node, int] = {}
+        for n, ax in an.axes.items():
+            if n not in live:
+                continue
+            if isinstance(ax, TokenAxis) and len(ax.dims) == 1:
+                self.dim[n] = ax.dims[0]
+            elif isinstance(ax, list) and ax and all(isinstance(a, TokenAxis) and len(a.dims) == 1 for a in ax):
+                self.dim[n] = ax[0].dims[0]  # chunk/split: a tuple of token tensors
+        for s in self.sites:  # site nodes were replaced by the Skiparse pass: same token dim as q
+            self.dim[s.node] = len(shape_of(s.node)) - 2
+        # in-place writes into a token tensor (diffusers' RoPE: out = empty_like(x); out[..., 0::2] = ...)
+        self.writes: dict[fx.Node, list[fx.Node]] = {}
+        for n in self.g.nodes:
+            if n.op == "call_function" and n.target is operator.setitem and n.args[0] in self.dim:
+                self.writes.setdefault(n.args[0], []).append(n)
+                self.dim[n] = self.dim[n.args[0]]
+        self.setitems = {w for ws in self.writes.values() for w in ws}
+        self.shape = {n: shape_of(n.args[0] if n in self.setitems else n) for n in self.dim}
+        self.label: dict[fx.Node, str] = {}
+        self.blocked: list[str] = []
+        self.converted: dict[tuple[fx.Node, str], fx.Node] = {}
+        self.relayouts: list[fx.Node] = []
+        self.latest: dict[fx.Node, int | None] = {}  # index of the latest anchor above each token node
+
+    def _safe_write(self, n: fx.Node) -> bool:
+        """A write that leaves the batch and token dims whole (e.g. out[..., 0::2] = v)."""
+        idx = n.args[1]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if items and items[0] is Ellipsis:
+            return len(items) == 2 or all(isinstance(i, slice) for i in items[1:])
+        d = self.dim[n]
+        return all(i == slice(None) for i in items[: d + 1])
+
+    # -- layouts ---------------------------------------------------------------------------------
+    def site_label(self, site) -> str:
+        if self.sp.mode == "ulysses":
+            return "natural"
+        if site.layout == "full":
+            return "natural" if self.sp.mode == "ssp" else "full"
+        return site.layout
+
+    def _token_users(self, n: fx.Node) -> list[fx.Node]:
+        return [u for u in n.users if u in self.dim]
+
+    def anchors(self) -> dict[fx.Node, int]:
+        """The residual-stream tensor entering each site's block (see module docstring)."""
+        graph = nx.DiGraph()
+        root = "root"
+        graph.add_node(root)
+        for n in self.dim:
+            preds = [m for m in n.all_input_nodes if m in self.dim]
+            for m in preds:
+                graph.add_edge(m, n)
+            if not preds:
+                graph.add_edge(root, n)
+        idom = nx.immediate_dominators(graph, root)
+        out: dict[fx.Node, int] = {}
+        for site in self.sites:
+            a = sdpa_args(site.node) if is_sdpa(site.node) else {"query": site.node.args[0], "key": site.node.args[1], "value": site.node.args[2]}
+            qkv = [a["query"], a["key"], a["value"]]
+            if not all(x in self.dim for x in qkv):
+                self.blocked.append(f"site {site.index}: q/k/v are not all video-token tensors; converted at the site")
+                continue
+            chains = []
+            for x in qkv:
+                chain, c = [], x
+                while c != root:
+                    chain.append(c)
+                    c = idom[c]
+                chains.append(chain)
+            common = next((c for c in chains[0] if all(c in ch for ch in chains[1:])), None)
+            feeding = set(qkv).union(*(nx.ancestors(graph, x) for x in qkv))
+            c = common
+            while c is not None and c != root and all(u in feeding for u in self._token_users(c)):
+                c = idom.get(c)
+            if c is None or c == root:
+                self.blocked.append(f"site {site.index}: no residual-stream tensor dominates q, k, v")
+                continue
+            out[c] = site.index
+        return out
+
+    def assign(self) -> None:
+        anchors = self.anchors()
+        by_index = {s.index: s for s in self.sites}
+        latest = self.latest
+        for n in self.g.nodes:
+            if n not in self.dim:
+                continue
+            best = None
+            for m in n.all_input_nodes:
+                if m in self.dim:
+                    for cand in (latest.get(m), anchors.get(m)):
+                        if cand is not None and (best is None or cand > best):
+                            best = cand
+            latest[n] = best
+            label = self.site_label(by_index[best]) if best is not None else "full"
+            if _kind_of(n, self.gm) == "getitem" and n.args[0] in self.label:
+                self.label[n] = self.label[n.args[0]]  # an element of a split takes the split's layout
+                continue
+            if n in self.setitems:
+                self.label[n] = self.label[n.args[0]]  # a write happens in the layout of what it writes
+                continue
+            if label != "full":
+                reason = self.blocking_reason(n)
+                if reason is not None:
+                    self.blocked.append(f"node '{n.name}': {reason}")
+                    label = "full"
+            self.label[n] = label
+        for s in self.sites:
+            self.label[s.node] = self.site_label(s)
+
+    def blocking_reason(self, n: fx.Node) -> str | None:
+        """Why `n` cannot run in a folded or sharded layout, or None if it can."""
+        kind = _kind_of(n, self.gm)
+        d = self.dim[n]
+        if d == 0:
+            return "tokens on dim 0 (no batch dim to fold into)"
+        for w in self.writes.get(n, []):
+            if not self._safe_write(w):
+                return f"written in place by '{w.name}' across the batch or token dims"
+        for u in n.users:
+            if u in self.writes.get(n, []) or (u.target is operator.setitem and n is u.args[2]):
+                continue
+            v = meta_value(u)
+            if not (isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and all(isinstance(e, torch.Tensor) for e in v))):
+                return f"its size or value is read by '{u.name}'"
+        if n in {s.node for s in self.sites} or is_sdpa(n):
+            return None
+        if kind in _SIZED:
+            sizes = self._sizes(n)
+            if sizes is None or len(sizes) != len(self.shape[n]) or not all(isinstance(v, int) for v in sizes):
+                return f"{kind} with non-constant sizes"
+            return None
+        if kind in ("squeeze", "unsqueeze", "flatten", "unflatten"):
+            a = call_args(n, ["input", "dim"])
+            if kind == "squeeze" and (a.get("dim") is None or normalize_dim(a["dim"], len(shape_of(n.args[0]))) == 0):
+                return "squeeze that may drop the batch dim"
+            if kind == "unflatten" and normalize_dim(a["dim"], len(shape_of(n.args[0]))) in (0, self.dim.get(n.args[0])):
+                return "unflatten of the batch or token dim"
+            return None
+        if kind in _PERMUTES:
+            ax0 = self._moves_batch(n, kind)
+            return "moves the batch dim" if ax0 else None
+        if kind in _SPLITS or kind in ("cat", "concat", "stack"):
+            a = call_args(n, ["input", "split_size_or_sections" if kind not in ("unbind", "cat", "concat", "stack") else "dim", "dim"], {"dim": 0})
+            if kind in ("cat", "concat", "stack"):
+                a = call_args(n, ["tensors", "dim"], {"dim": 0})
+            dim = n.kwargs.get("dim", a.get("dim", 0))
+            return f"{kind} along the batch dim" if dim == 0 else None
+        if kind == "getitem":
+            idx = n.args[1]
+            if isinstance(idx, int) and isinstance(meta_value(n.args[0]), (tuple, list)):
+                return None
+            first = idx[0] if isinstance(idx, tuple) and idx else idx
+            ok = first is Ellipsis or (isinstance(first, slice) and first == slice(None))
+            return None if ok else "indexes the batch dim"
+        if kind in _REDUCTIONS:
+            dims = call_args(n, ["input", "dim"]).get("dim")
+            dims = dims if isinstance(dims, (list, tuple)) else [dims]
+            n_in = len(shape_of(n.args[0]))
+            return None if dims[0] is not None and 0 not in [normalize_dim(x, n_in) for x in dims] else f"{kind} over the batch"
+        if kind in _ELEMENTWISE or kind in _LINEAR or kind in _NORMS:
+            return None
+        return f"'{kind}' is not known to run per token in a folded layout"
+
+    def _sizes(self, n: fx.Node):
+        args = list(n.args[1:])
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            return list(args[0])
+        if "size" in n.kwargs:
+            return list(n.kwargs["size"])
+        return args
+
+    def _moves_batch(self, n, kind) -> bool:
+        if kind == "permute":
+            dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
+            return normalize_dim(int(dims[0]), len(dims)) != 0
+        if kind in ("transpose", "swapaxes", "swapdims"):
+            a = call_args(n, ["input", "dim0", "dim1"])
+            rank = len(shape_of(n.args[0]))
+            return 0 in (normalize_dim(a["dim0"], rank), normalize_dim(a["dim1"], rank))
+        return kind == "t"
+
+    # -- rewriting -------------------------------------------------------------------------------
+    def in_layout(self, m: fx.Node, label: str, site: int | None = None) -> fx.Node:
+        """`m`'s value in `label`, converting once (the conversion is shared by all consumers)."""
+        src = self.label.get(m, "full")
+        if src == label or (self.sp.world == 1 and {src, label} <= {"full", "natural"}):
+            return m
+        key = (m, label)
+        if key not in self.converted:
+            last_write = self.writes.get(m, [m])[-1]  # never convert a buffer before its last write
+            with self.g.inserting_after(last_write):
+                self.converted[key] = self._relayout_node(m, self.dim[m], src, label)
+            self.relayouts.append(self.converted[key])
+            shape, item = self.shape[m], meta_value(m).element_size()
+            self.converted[key].meta["osp_relayout"] = {"src": src, "dst": label, "shape": tuple(hint(s) for s in shape),
+                                                        "itemsize": item, "site": site}
+        return self.converted[key]
+
+    def _relayout_node(self, x, dim, src, dst) -> fx.Node:
+        t, h, w = self.grid
+        if self.sp.world == 1:
+            return self.g.call_function(skiparse_relayout, (x, dim, t, h, w, self.p, src, dst))
+        from osp_compile.distributed import sp_relayout
+
+        return self.g.call_function(sp_relayout, (x, dim, t, h, w, self.p, src, dst, self.sp.rank, self.sp.world, self.sp.group))
+
+    def rewrite(self) -> None:
+        site_of = {s.node: s for s in self.sites}
+        for n in list(self.g.nodes):
+            if n.op == "output":
+                for m in [m for m in n.all_input_nodes if m in self.dim]:
+                    n.replace_input_with(m, self.in_layout(m, "full"))
+                continue
+            label = self.label.get(n, "full") if n in self.dim else "full"
+            for m in [m for m in n.all_input_nodes if m in self.dim]:
+                conv = self.in_layout(m, label, self.latest.get(n))
+                if conv is not m:
+                    n.replace_input_with(m, conv)
+            if n not in self.dim or label == "full" or (self.sp.world == 1 and label == "natural"):
+                continue
+            self._adapt_operands(n, label)
+            if _kind_of(n, self.gm) in _SIZED:
+                self._rewrite_sizes(n, label)
+            if n in site_of:
+                self._replace_site(n, site_of[n], label)
+
+    def _adapt_operands(self, n: fx.Node, label: str) -> None:
+        """Per-sample operands repeat along the folded batch; positional tables take the layout too."""
+        out_shape = self.shape[n]
+        d = self.dim[n]
+        exact_batch = is_sdpa(n) or _kind_of(n, self.gm) in ("matmul",)
+        mult = batch_multiplier(label, self.p, self.sp.world)
+        for a in list(n.all_input_nodes):
+            if a in self.dim or not isinstance(meta_value(a), torch.Tensor):
+                continue
+            if _kind_of(n, self.gm) in ("linear", "layer_norm", "rms_norm") and a is not n.args[0]:
+                continue
+            shape = shape_of(a)
+            off = len(out_shape) - len(shape)
+            if off < 0:
+                continue
+            jd = d - off
+            if jd >= 0 and shape[jd] == self.tokens_total:  # a positional table (e.g. RoPE): same layout
+                n.replace_input_with(a, self._positional(a, shape, off, jd, out_shape[0], label))
+            elif off == 0 and mult > 1 and (shape[0] != 1 or exact_batch):
+                with self.g.inserting_before(n):
+                    rep = self.g.call_method("repeat", (a, mult, *([1] * (len(shape) - 1))))
+                n.replace_input_with(a, rep)
+
+    def _positional(self, a, shape, off, jd, batch, label):
+        key = (a, label, off)
+        if key not in self.converted:
+            with self.g.inserting_after(a):
+                view = self.g.call_method("reshape", (a, (*([1] * off), *shape)))
+            with self.g.inserting_after(view):
+                moved = self._relayout_node(view, jd + off, "full", label)
+            out = moved
+            lead = shape[0] if off == 0 else 1
+            if label in FOLDED and lead != batch:
+                with self.g.inserting_after(moved):
+                    out = self.g.call_method("repeat_interleave", (moved, batch // lead), {"dim": 0})
+            self.converted[key] = out
+        return self.converted[key]
+
+    def _rewrite_sizes(self, n: fx.Node, label: str) -> None:
+        sizes = self._sizes(n)
+        d = self.dim[n]
+        mult = batch_multiplier(label, self.p, self.sp.world)
+        new = list(sizes)
+        if new[0] != -1:
+            new[0] = new[0] * mult
+        if new[d] != -1:
+            new[d] = local_tokens(label, self.grid, self.p, self.sp.world)
+        n.args = (n.args[0], tuple(new))
+        n.kwargs = {k: v for k, v in n.kwargs.items() if k != "size"}
+
+    def _replace_site(self, n: fx.Node, site, label: str) -> None:
+        t, h, w = self.grid
+        a = sdpa_args(n) if is_sdpa(n) else {"query": n.args[0], "key": n.args[1], "value": n.args[2], **n.kwargs}
+        kw = {"dropout_p": a.get("dropout_p", 0.0), "scale": a.get("scale"), "enable_gqa": a.get("enable_gqa", False)}
+        q, k, v = a["query"], a["key"], a["value"]
+        with self.g.inserting_before(n):
+            if label in FOLDED:
+                new = self.g.call_function(folded_attention, (q, k, v, t, h, w, self.p, label, self.sp.rank, self.sp.world), kw)
+            else:
+                from osp_compile.distributed import ulysses_attention
+
+                check_world(self.grid, self.p, self.sp.world, heads=site.heads, where=f" at site {site.index}",
+                            ssp=self.sp.mode == "ssp")
+                pattern = "full" if site.layout == "full" else site.layout
+                new = self.g.call_function(ulysses_attention, (q, k, v, self.sp.world, self.sp.group, pattern, t, h, w, self.p), kw)
+                new.meta["osp_ulysses"] = {"shape": tuple(hint(s) for s in shape_of(n)), "itemsize": meta_value(n).element_size(),
+                                           "site": site.index}
+        new.meta.update({k_: v_ for k_, v_ in n.meta.items() if k_ not in new.meta})
+        n.replace_all_uses_with(new)
+        self.g.erase_node(n)
+        self.dim[new], self.label[new], self.shape[new] = self.dim.pop(n), label, self.shape.pop(n)
+        site.node = new
+
+    # -- SP gradients ----------------------------------------------------------------------------
+    def scale_replicated_after_gather(self) -> None:
+        """Replicated work after the gather sees the same full gradient on every rank: scale its
+        replicated inputs by 1/S so that the SUM over ranks is exact."""
+        from osp_compile.distributed import sp_grad_scale
+
+        gathers = [r for r in self.relayouts if r.meta["osp_relayout"]["dst"] == "full"]
+        after: set[fx.Node] = set()
+        todo = list(gathers)
+        while todo:
+            x = todo.pop()
+            for u in x.users:
+                if u.op == "output" or u in after:
+                    continue
+                if u in self.relayouts and u.meta["osp_relayout"]["src"] == "full":
+                    continue  # scattered again: back to partial gradients
+                after.add(u)
+                todo.append(u)
+        scaled: dict[fx.Node, fx.Node] = {}
+        for u in [n for n in self.g.nodes if n in after]:
+            for a in list(u.all_input_nodes):
+                if a in after or a in gathers or not isinstance(meta_value(a), torch.Tensor):
+                    continue
+                if a not in scaled:
+                    with self.g.inserting_before(u):
+                        scaled[a] = self.g.call_function(sp_grad_scale, (a, 1.0 / self.sp.world))
+                u.replace_input_with(a, scaled[a])
+
+
+def token_layout_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
+    cfg = ctx.config
+    an = ctx.analysis
+    sites = [s for s in an.video_sites] if an is not None else []
+    if not sites or (cfg.sequence_parallel is None and not cfg.fuse_permutations):
+        return gm, PassReport("token_layout", "nothing to do (no video sites, or fusion off)")
+    if cfg.sequence_parallel is None and all(s.layout == "full" for s in sites):
+        return gm, PassReport("token_layout", "all sites full: the natural layout everywhere")
+    rw = _Rewriter(gm, ctx)
+    if rw.sp.world > 1:
+        check_world(rw.grid, rw.p, rw.sp.world, ssp=rw.sp.mode == "ssp")
+    before = 4 * sum(1 for s in sites if s.layout != "full")
+    rw.assign()
+    rw.rewrite()
+    if rw.sp.world > 1:
+        rw.scale_replicated_after_gather()
+    gm.graph.lint()
+    gm.recompile()
+    moved = sum(_bytes(r) for r in rw.relayouts)
+    rows = [{"relayout": r.name, "from": r.meta["osp_relayout"]["src"], "to": r.meta["osp_relayout"]["dst"],
+             "bytes": _bytes(r)} for r in rw.relayouts]
+    for reason in rw.blocked:
+        rows.append({"blocked": reason})
+    mode = {None: "one process", "ssp": f"SSP over {rw.sp.world} ranks", "ulysses": f"Ulysses over {rw.sp.world} ranks"}[rw.sp.mode]
+    summary = (f"{mode}: layout changes {before} per-site permutations -> {len(rw.relayouts)} relayouts of the hidden "
+               f"state ({moved / 1e6:.2f} MB moved per forward)")
+    if rw.blocked:
+        summary += f"; {len(rw.blocked)} blocking op(s): " + "; ".join(rw.blocked[:3])
+    ctx.report.layout_changes = {"before": before, "after": len(rw.relayouts), "bytes": moved}
+    return gm, PassReport("token_layout", summary, rows)
+
+
+def _bytes(node: fx.Node) -> int:
+    info = node.meta["osp_relayout"]
+    n = 1
+    for s in info["shape"]:
+        n *= s
+    return n * info["itemsize"]

@@ -1,0 +1,161 @@
+"""Permutation fusion (one process) and SSP / Ulysses (2 and 4 gloo processes): outputs and
+parameter gradients equal the single-process converted module; collective counts and bytes."""
+import time
+
+import pytest
+import torch
+
+from osp_compile import OSPConfig, OSPConfigError, convert
+from osp_compile.convert import plan
+from osp_compile.distributed import PlanningGroup
+from osp_compile.oracle import rel_err
+from reference_model import PRESETS, build_model, make_inputs
+from sp_harness import run_ranks
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grad_errors(got, ref):
+    total = sum(g.norm() ** 2 for g in ref.values()) ** 0.5
+    # relative to each gradient, floored at 1e-3 of the total (k biases have ~0 gradient in attention)
+    return {n: ((got[n] - g).norm() / max(g.norm(), 1e-3 * total)).item() for n, g in ref.items()}
+
+
+@pytest.mark.parametrize("layout", ["dual_end", "all_sparse"])
+def test_fused_layout_equals_per_site_rearrangement(layout):
+    model = build_model("tiny", num_layers=6, seed=3)
+    args, kwargs = make_inputs(PRESETS["tiny"], seed=4)
+    x = args[0].clone().requires_grad_(True)
+    results = []
+    for fuse in (False, True):
+        torch._dynamo.reset()
+        conv = convert(model, args, kwargs, OSPConfig(num_full_blocks=2, layout=layout, fuse_permutations=fuse))
+        model.zero_grad()
+        x.grad = None
+        out = conv(x, **kwargs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), _grads(model), x.grad.clone(), conv.osp_report))
+    (o0, g0, x0, _), (o1, g1, x1, rep) = results
+    assert rel_err(o1, o0) <= 1e-6 and rel_err(x1, x0) <= 1e-6
+    assert max(_grad_errors(g1, g0).values()) <= 1e-5
+    sparse = sum(1 for s in rep.video_sites if s.layout != "full")
+    changes = rep.layout_changes
+    assert changes["before"] == 4 * sparse
+    # one relayout entering each sparse block, plus one leaving the run (dual_end) or before the head
+    assert changes["after"] == sparse + 1
+
+
+def _plan(mode, world, latent=(2, 16, 16), layers=6, full=2, model=None):
+    model = model or build_model("tiny", num_layers=layers, device="meta")
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=latent, device="meta")
+    return plan(model, args, kwargs, OSPConfig(num_full_blocks=full, sequence_parallel=mode, sp_group=PlanningGroup(world)))
+
+
+def test_ssp_sends_a_quarter_of_ulysses_per_sparse_block():
+    ssp, uly = _plan("ssp", 4).communication, _plan("ulysses", 4).communication
+    # tiny: 6 sites, 2 full (dual_end) -> SSP: 2 x 4 Ulysses all-to-alls + 4 switches + 1 leaving the run
+    assert ssp["collectives"] == {"all_to_all": 2 * 4 + 4 + 1, "all_gather": 1}
+    assert uly["collectives"] == {"all_to_all": 6 * 4, "all_gather": 1}
+    for site in ("2", "3", "4"):  # sparse blocks entered by a token<->group switch (grid needs no padding)
+        assert ssp["bytes_by_site"][site] * 4 == pytest.approx(uly["bytes_by_site"][site])
+
+
+@pytest.mark.parametrize("world,match", [(3, "divide P\\*P = 4"), (8, "divide P\\*P = 4")])
+def test_bad_world_sizes(world, match):
+    with pytest.raises(Exception, match=match):
+        _plan("ssp", world)
+
+
+def test_heads_must_divide_for_ulysses():
+    model = build_model("tiny", num_layers=4, device="meta")  # 4 heads
+    with pytest.raises(Exception, match="4 heads do not divide by world size 8"):
+        plan(model, *make_inputs(PRESETS["tiny"], latent_shape=(2, 16, 16), device="meta"),
+             OSPConfig(num_full_blocks=2, sequence_parallel="ulysses", sp_group=PlanningGroup(8)))
+
+
+def test_sequence_parallel_needs_a_process_group():
+    model = build_model("tiny", num_layers=2)
+    with pytest.raises(Exception, match="needs torch.distributed initialised"):
+        convert(model, *make_inputs(PRESETS["tiny"]), OSPConfig(num_full_blocks=0, sequence_parallel="ssp"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# multi-process: every rank gets the single-process output and gradients
+# ---------------------------------------------------------------------------------------------------
+def _build(name):
+    if name == "reference":
+        model = build_model("tiny", num_layers=4, seed=1)
+        args, kwargs = make_inputs(PRESETS["tiny"], seed=2)  # grid (3, 6, 10): padding for P = 2
+        return model, args, kwargs, "x"
+    import diffusers
+
+    torch.manual_seed(3)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=64)
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(1, 4, 3, 12, 20, generator=g),)
+    kwargs = {"timestep": torch.tensor([421.0]), "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+              "return_dict": False}
+    return model, args, kwargs, "x"
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _sp_worker(rank, world, name, modes):
+    model, args, kwargs, _ = _build(name)
+    ref = convert(model, args, kwargs, OSPConfig(num_full_blocks=2))
+    out_ref = _first(ref(*args, **kwargs))
+    weight = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(9))
+    model.zero_grad()
+    (out_ref * weight).sum().backward()
+    g_ref = _grads(model)
+    result = {}
+    for mode in modes:
+        torch._dynamo.reset()
+        sp = convert(model, args, kwargs, OSPConfig(num_full_blocks=2, sequence_parallel=mode))
+        model.zero_grad()
+        out = _first(sp(*args, **kwargs))
+        (out * weight).sum().backward()
+        errs = _grad_errors(_grads(model), g_ref)
+        result[mode] = {"out": rel_err(out.detach(), out_ref.detach()), "grad": max(errs.values()),
+                        "collectives": sp.osp_report.communication["collectives"]}
+    return result
+
+
+@pytest.mark.parametrize("name,world", [("reference", 2), ("reference", 4), ("diffusers", 2)])
+def test_sequence_parallel_equals_single_process(tmp_path, name, world):
+    if name == "diffusers":
+        pytest.importorskip("diffusers")
+    results = run_ranks(_sp_worker, world, tmp_path, name, ["ssp", "ulysses"], timeout_s=240)
+    for rank, res in enumerate(results):
+        assert "error" not in res, res.get("trace")
+        for mode in ("ssp", "ulysses"):
+            assert res[mode]["out"] <= 1e-5, (rank, mode, res[mode])
+            assert res[mode]["grad"] <= 1e-5, (rank, mode, res[mode])
+        assert res["ssp"]["collectives"] == {"all_to_all": 2 * 4 + 2 + 1, "all_gather": 1}
+        assert res["ulysses"]["collectives"] == {"all_to_all": 4 * 4, "all_gather": 1}
+
+
+def _dead_rank_worker(rank, world):
+    if rank == 1:
+        return {"left": True}  # never arrives at the first collective
+    model, args, kwargs, _ = _build("reference")
+    start = time.time()
+    try:
+        convert(model, args, kwargs, OSPConfig(num_full_blocks=2, sequence_parallel="ssp"))
+    except Exception as exc:
+        return {"error_seen": f"{type(exc).__name__}: {exc}"[:2000], "seconds": time.time() - start}
+    return {"no_error": True}
+
+
+def test_a_missing_rank_ends_the_others_with_a_clear_error(tmp_path):
+    results = run_ranks(_dead_rank_worker, 2, tmp_path, timeout_s=20)
+    assert results[1] == {"left": True}
+    msg = results[0].get("error_seen", "")
+    assert "sequence-parallel collective failed" in msg and "rank" in msg, results[0]
+    assert results[0]["seconds"] < 120
