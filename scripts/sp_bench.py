@@ -31,6 +31,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--resolution", default="480p", help="480p, 720p, 768p, or 'default' (the preset's small video)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--num-full-blocks", type=int, default=None)
+    p.add_argument("--layout", default="dual_end", help="dual_end, uniform, all_sparse, dense")
     p.add_argument("--sparse-ratio", type=int, default=2)
     p.add_argument("--modes", default="ssp,ulysses")
     p.add_argument("--sp-size", type=int, default=None, help="ranks per SP group (default: all)")
@@ -101,7 +102,7 @@ def main() -> None:
     args, kwargs = make_inputs(cfg, resolution=resolution, device=device, dtype=dtype, seed=rank // size)
     for mode in a.modes.split(","):
         torch._dynamo.reset()
-        options = {"sparse_ratio": a.sparse_ratio, "layout": "dual_end", "num_full_blocks": full, "inner": a.inner}
+        options = {"sparse_ratio": a.sparse_ratio, "layout": a.layout, "num_full_blocks": full, "inner": a.inner}
         if mode != "single":
             options.update(sequence_parallel=mode, sp_group=group)
         compiled = torch.compile(model, backend=osp_backend, options=options, dynamic=False)
@@ -144,9 +145,9 @@ def main() -> None:
         if out:
             with open(os.path.join(out, f"sp_bench_{world}gpu_{a.preset}_{a.resolution}.json"), "w") as f:
                 json.dump(result, f, indent=2)
-        print(f"{a.preset} {a.resolution}, {layers} blocks ({full} full), P={a.sparse_ratio}, world {world} = "
+        print(f"{a.preset} {a.resolution}, {layers} blocks ({a.layout}, {full} full), P={a.sparse_ratio}, world {world} = "
               f"{world // size} DP x {size} SP, torch {torch.__version__}"
-              + (f", NCCL equality check max rel err {result['check_max_rel_err']:.2e}" if a.check else ""))
+              + (f", {dist.get_backend()} equality check max rel err {result['check_max_rel_err']:.2e}" if a.check else ""))
         print(f"{'mode':8} {'median ms':>10} {'x vs Ulysses':>13} {'MB sent/rank':>13}  collectives")
         for r in result["rows"]:
             print(f"{r['mode']:8} {r['median_ms']:>10} {str(r['x_vs_ulysses']):>13} {r['MB_sent_per_rank']:>13}  {r['collectives']}")
