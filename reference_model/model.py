@@ -149,8 +149,8 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------- layers
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the video tokens with q/k RMSNorm and 3D RoPE."""
+class _Attention(nn.Module):
+    """q, k, v, o projections and the q/k RMSNorm that self- and cross-attention share."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
@@ -162,6 +162,10 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class SelfAttention(_Attention):
+    """Multi-head self-attention over the video tokens with q/k RMSNorm and 3D RoPE."""
 
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
         b, s = x.shape[0], x.shape[1]
@@ -177,19 +181,8 @@ class SelfAttention(nn.Module):
         return self.o(out)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Multi-head attention from the video tokens (queries) to the text tokens; no RoPE."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, s = x.shape[0], x.shape[1]
