@@ -49,8 +49,10 @@ def collective_errors(config):
     try:
         yield
     except (RuntimeError, dist.DistError) as exc:
-        if not dist.is_initialized() or caused_by(exc, OSPError):
-            raise
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        if not dist.is_initialized() or caused_by(exc, OSPError) or isinstance(exc, BackendCompilerFailed):
+            raise  # not a collective: a compile-time error says what it is itself
         group = config.sp_group or dist.group.WORLD
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         raise OSPError(

@@ -17,17 +17,26 @@ from .token_layout import sp_info
 
 
 def _trainable_params(gm: fx.GraphModule) -> list[fx.Node]:
+    """Graph inputs that are parameters (Dynamo placeholders) and parameters read with get_attr
+    (e.g. LoRA adapters a pass registered on the graph module), when they require grad."""
     out = []
     for n in gm.graph.nodes:
-        if param_fqn(n) is None:
-            continue
-        v = meta_value(n)
         if n.op == "get_attr":
-            v = gm.get_parameter(n.target) if isinstance(getattr(gm, n.target.split(".")[0], None), torch.nn.Module) or \
-                hasattr(gm, n.target) else None
-        if isinstance(v, torch.Tensor) and v.requires_grad:
+            v = _fetch_attr(gm, n.target)
+            keep = isinstance(v, torch.nn.Parameter) and v.requires_grad
+        else:
+            v = meta_value(n)
+            keep = param_fqn(n) is not None and isinstance(v, torch.Tensor) and v.requires_grad
+        if keep:
             out.append(n)
     return out
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:

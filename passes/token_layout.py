@@ -221,11 +221,13 @@ class _Rewriter:
             ax0 = self._moves_batch(n, kind)
             return "moves the batch dim" if ax0 else None
         if kind in _SPLITS or kind in ("cat", "concat", "stack"):
-            a = call_args(n, ["input", "split_size_or_sections" if kind not in ("unbind", "cat", "concat", "stack") else "dim", "dim"], {"dim": 0})
             if kind in ("cat", "concat", "stack"):
                 a = call_args(n, ["tensors", "dim"], {"dim": 0})
-            dim = n.kwargs.get("dim", a.get("dim", 0))
-            return f"{kind} along the batch dim" if dim == 0 else None
+                rank = len(shape_of(a["tensors"][0])) + (kind == "stack")
+            else:
+                a = call_args(n, ["input", "dim"] if kind == "unbind" else ["input", "split_size_or_sections", "dim"], {"dim": 0})
+                rank = len(shape_of(n.args[0]))
+            return f"{kind} along the batch dim" if normalize_dim(a["dim"], rank) == 0 else None
         if kind == "getitem":
             idx = n.args[1]
             if isinstance(idx, int) and isinstance(meta_value(n.args[0]), (tuple, list)):

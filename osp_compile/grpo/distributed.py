@@ -1,6 +1,7 @@
 """Data parallelism over prompt groups with torch.distributed (any backend; gloo on CPU).
 
-Each rank samples and scores its own groups; gradients are averaged over ranks before every
+Each data-parallel replica (one rank, or the ranks of one SP group) samples and scores its own
+groups; gradients are averaged over ranks before every
 optimizer step, so all ranks take the same step. With equal group counts per rank this is the
 update one process would make on all groups: each rank's loss is the mean over its groups, and
 the mean of equal-sized means is the global mean. Without an initialised process group every
@@ -24,8 +25,23 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def group_offset(local_groups: int) -> int:
-    """Global index of this rank's first group; checks that every rank has as many groups."""
+def sp_size_of(model) -> int:
+    """Ranks per sequence-parallel group of a model converted with SSP/Ulysses (1 otherwise).
+
+    The ranks of one SP group run ONE sample together (same prompts, same noise), so the
+    data-parallel index of a rank is rank // sp_size (SP groups are consecutive ranks). Gradients
+    are already complete inside an SP group (`osp::sp_grad_sync`), so averaging them over all
+    ranks equals averaging over the data-parallel replicas.
+    """
+    config = getattr(model, "osp_config", None)
+    if config is None or config.sequence_parallel is None or not is_distributed():
+        return 1
+    return dist.get_world_size(config.sp_group or dist.group.WORLD)
+
+
+def group_offset(local_groups: int, sp_size: int = 1) -> int:
+    """Global index of this rank's first group; checks that every rank has as many groups.
+    Ranks of one SP group (`sp_size` consecutive ranks) share their groups."""
     rank, world = rank_and_world()
     if world == 1:
         return 0
@@ -36,7 +52,7 @@ def group_offset(local_groups: int) -> int:
             f"every rank must process the same number of prompt groups per step (got {[int(c) for c in counts]}): "
             f"the averaged update equals the global one only then"
         )
-    return rank * local_groups
+    return rank // sp_size * local_groups
 
 
 def broadcast_parameters(params: Iterable[torch.Tensor]) -> None:

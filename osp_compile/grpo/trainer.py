@@ -38,7 +38,7 @@ from torch import Tensor
 from reference_model.sampler import euler_step, shifted_sigmas
 from .advantages import group_advantages, ppo_clip_loss
 from .config import MixGRPOConfig
-from .distributed import (average_gradients, barrier, broadcast_parameters, group_offset, mean_over_ranks,
+from .distributed import (average_gradients, barrier, broadcast_parameters, group_offset, mean_over_ranks, sp_size_of,
                           rank_and_world)
 from .lora import adapters_disabled, find_adapters
 from .rewards import RewardFn, evaluate_rewards, named_rewards
@@ -205,7 +205,7 @@ class MixGRPOTrainer:
         """
         cfg = self.config
         contexts, prompts = self._contexts(prompts)
-        first_group = group_offset(len(prompts))
+        first_group = group_offset(len(prompts), sp_size_of(self.model))
         window = cfg.window(self.iteration)
         start = time.perf_counter()
         rollouts = [self.rollout(contexts[j], window, self.noise_generator(first_group + j))
