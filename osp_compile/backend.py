@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 
 from .config import OSPConfig

@@ -10,9 +10,7 @@ are also returned stay as they are) - the report lists what was and was not rewr
 from __future__ import annotations
 
 import numbers
-import operator
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 

@@ -1,10 +1,9 @@
 """Small helpers every pass needs: shapes of FX nodes (static or symbolic), argument lookup, op names."""
 from __future__ import annotations
 
-import inspect
 import math
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import sympy
 import torch
@@ -103,13 +102,6 @@ def sdpa_args(node: fx.Node) -> dict:
 
 def normalize_dim(d: int, ndim: int) -> int:
     return d % ndim if ndim else d
-
-
-def callable_params(fn: Callable) -> list[str]:
-    try:
-        return list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return []
 
 
 def param_fqn(node: Any) -> str | None:

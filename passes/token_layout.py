@@ -28,12 +28,11 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from osp_compile.ops import folded_attention, skiparse_attention, skiparse_relayout
+from osp_compile.ops import folded_attention, skiparse_relayout
 from osp_compile.report import PassReport
 from osp_compile.token_layouts import FOLDED, batch_multiplier, check_world, local_tokens
-from .analysis import _ELEMENTWISE, _LINEAR, _NORMS, _PERMUTES, _REDUCTIONS, _RESHAPES, _SPLITS, TokenAxis, _kind_of
+from .analysis import _ELEMENTWISE, _LINEAR, _NORMS, _PERMUTES, _REDUCTIONS, _SPLITS, TokenAxis, _kind_of
 from .fx_utils import call_args, hint, is_sdpa, meta_value, normalize_dim, sdpa_args, shape_of
 
 _SIZED = {"view", "reshape", "expand", "broadcast_to"}
