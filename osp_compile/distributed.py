@@ -28,7 +28,7 @@ from .ops import _lib
 
 # torch 2.13 renamed all_gather_tensor to all_gather_single; torch 2.11 (the GPU machines) has the old name
 _all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
-from .token_layouts import as_index, from_rows, gather_order, gather_rows, local_gather, routing, token_rows, with_zero_row
+from .token_layouts import as_index, batch_multiplier, from_rows, gather_order, gather_rows, local_gather, routing, token_rows, with_zero_row
 
 @dataclass(frozen=True)
 class PlanningGroup:
@@ -75,8 +75,7 @@ _lib.define(
 def _sp_relayout(x, dim, T, H, W, P, src, dst, rank, world, group):
     grid = (T, H, W)
     dim = dim % x.dim()
-    per_src = P * P // world if src in ("token", "group") else 1
-    per_dst = P * P // world if dst in ("token", "group") else 1
+    per_src, per_dst = batch_multiplier(src, P, world), batch_multiplier(dst, P, world)
     batch = x.shape[0] // per_src
     key = (src, dst, grid, P, world, rank, batch)
     if src == "full":  # replicated -> shards: a local gather, no communication

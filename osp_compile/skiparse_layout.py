@@ -171,11 +171,11 @@ def key_padding_mask(grid: Sequence[IntLike], p: int, pattern: str, batch: int, 
 
 def relayout_local(x: torch.Tensor, dim: int, grid: Sequence[int], p: int, src: str, dst: str) -> torch.Tensor:
     """Change the layout of a token tensor on one process: one row gather (fold, unfold or switch)."""
-    from .token_layouts import gather_rows, local_gather
+    from .token_layouts import batch_multiplier, gather_rows, local_gather
 
     if src == dst or {src, dst} <= {"full", "natural"}:
         return x
     grid = tuple(int(g) for g in grid)
-    batch = x.shape[0] // (p * p if src in PATTERNS else 1)
+    batch = x.shape[0] // batch_multiplier(src, p, 1)
     idx = local_gather(src, dst, grid, p, 1, 0, batch)
-    return gather_rows(x, dim, idx, ("local", src, dst, grid, p, batch), batch * (p * p if dst in PATTERNS else 1))
+    return gather_rows(x, dim, idx, ("local", src, dst, grid, p, batch), batch * batch_multiplier(dst, p, 1))

@@ -117,7 +117,7 @@ def routing(src: str, dst: str, grid: tuple[int, int, int], p: int, world: int, 
 @lru_cache(maxsize=None)
 def local_gather(src: str, dst: str, grid: tuple[int, int, int], p: int, world: int, rank: int, batch: int) -> np.ndarray:
     """Rows of a whole (or, on one process, any) source layout that make the local `dst` rows."""
-    src_ids = slot_ids(src, grid, p, world, rank, batch) if src != "full" else slot_ids("full", grid, p, 1, 0, batch)
+    src_ids = slot_ids(src, grid, p, world, rank, batch)  # "full" is the whole sequence on every rank
     where = {g: i for i, g in enumerate(src_ids) if g >= 0}
     need = slot_ids(dst, grid, p, world, rank, batch)
     index = np.asarray([where[g] if g >= 0 else len(src_ids) for g in need], dtype=np.int64)

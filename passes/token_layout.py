@@ -73,6 +73,7 @@ class _Rewriter:
         self.sp = sp_info(self.cfg)
         an = ctx.analysis
         self.sites = [s for s in an.video_sites if s.node.graph is self.g]
+        self.site_nodes = {s.node for s in self.sites}
         self.grid = tuple(hint(x) for x in self.sites[0].grid)
         self.tokens_total = self.grid[0] * self.grid[1] * self.grid[2]
         live = set(self.g.nodes)
@@ -202,7 +203,7 @@ class _Rewriter:
             v = meta_value(u)
             if not (isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and all(isinstance(e, torch.Tensor) for e in v))):
                 return f"its size or value is read by '{u.name}'"
-        if n in {s.node for s in self.sites} or is_sdpa(n):
+        if n in self.site_nodes or is_sdpa(n):
             return None
         if kind in _SIZED:
             sizes = self._sizes(n)
