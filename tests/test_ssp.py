@@ -159,3 +159,17 @@ def test_a_missing_rank_ends_the_others_with_a_clear_error(tmp_path):
     msg = results[0].get("error_seen", "")
     assert "sequence-parallel collective failed" in msg and "rank" in msg, results[0]
     assert results[0]["seconds"] < 120
+
+
+def test_gather_from_a_padded_layout_counts_whole_shards():
+    """An all-gather moves equal shards, padded rows included; an all-to-all moves real rows only."""
+    from osp_compile.communication import relayout_collective
+    from osp_compile.token_layouts import local_tokens, slot_ids
+
+    grid, p, world, rest, item = (3, 6, 10), 2, 2, 8, 4  # H = 6 pads to 8 for P = 2
+    per_rank_rows = (p * p // world) * local_tokens("group", grid, p, world)
+    gather = relayout_collective("group", "full", (1, 180, rest), item, grid, p, world, None)
+    assert gather.bytes_per_rank == [per_rank_rows * rest * item * (world - 1)] * world
+    switch = relayout_collective("token", "group", (1, 180, rest), item, grid, p, world, None)
+    real = [int((slot_ids("token", grid, p, world, r, 1) >= 0).sum()) for r in range(world)]
+    assert all(b <= r * rest * item for b, r in zip(switch.bytes_per_rank, real))
