@@ -32,7 +32,8 @@ class Row:
     breakdown: dict = field(default_factory=dict)
 
 
-def _timer(device: str) -> Callable[[Callable], float]:
+def step_timer(device: str) -> Callable[[Callable], float]:
+    """A function that runs `fn()` once and returns its time in ms (CUDA events on a GPU)."""
     def cuda_time(fn):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -118,7 +119,7 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
     args, kwargs = make_inputs(cfg, resolution=resolution, device=device, dtype=dtype)
     grid = token_grid(cfg, latent_shape(resolution))
     config = OSPConfig(sparse_ratio=sparse_ratio, layout="dual_end", num_full_blocks=full)
-    timer = _timer(device)
+    timer = step_timer(device)
     rows: list[Row] = []
 
     def make(variant: str) -> Callable:

@@ -89,13 +89,14 @@ def main() -> None:
         result["check_max_rel_err"] = max(errs)
 
     from osp_compile.backend import osp_backend
-    from osp_compile.bench import build, full_blocks_for
+    from osp_compile.bench import build, full_blocks_for, step_timer
     from reference_model import PRESETS, make_inputs
 
     cfg = PRESETS[a.preset]
     layers = a.layers or cfg.num_layers
     full = full_blocks_for(layers, a.preset, a.num_full_blocks)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    timer = step_timer(device)
     model = build(a.preset, a.layers, device, dtype)
     # each data-parallel replica gets its own sample
     resolution = None if a.resolution == "default" else a.resolution
@@ -116,18 +117,8 @@ def main() -> None:
                 compiled(*args, **kwargs)
             times = []
             for _ in range(a.iters):
-                dist.barrier()
-                if device == "cuda":
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    compiled(*args, **kwargs)
-                    e.record()
-                    e.synchronize()
-                    times.append(s.elapsed_time(e))
-                else:
-                    t = time.perf_counter()
-                    compiled(*args, **kwargs)
-                    times.append((time.perf_counter() - t) * 1e3)
+                dist.barrier()  # every rank starts the step together
+                times.append(timer(lambda: compiled(*args, **kwargs)))
         from osp_compile.backend import report_for
 
         comm = report_for(options).communication or {}
