@@ -134,7 +134,7 @@ def main() -> None:
             r["x_vs_ulysses"] = round(base / r["median_ms"], 3) if base else None
         out = os.environ.get("OUT")
         if out:
-            with open(os.path.join(out, f"sp_bench_{world}gpu_{a.preset}_{a.resolution}.json"), "w") as f:
+            with open(os.path.join(out, f"sp_bench_{world}gpu_{a.preset}_{a.resolution}_{a.inner}.json"), "w") as f:
                 json.dump(result, f, indent=2)
         print(f"{a.preset} {a.resolution}, {layers} blocks ({a.layout}, {full} full), P={a.sparse_ratio}, world {world} = "
               f"{world // size} DP x {size} SP, torch {torch.__version__}"
