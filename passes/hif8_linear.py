@@ -13,17 +13,31 @@ OSP-Next does, under the reference model's (Wan2.1) and diffusers' Wan names; a 
 the DiT under a prefix needs its own ``OSPConfig.quant_exclude`` (which replaces the defaults).
 A weight that is not a parameter (computed in the graph) is left alone: it has no name to match
 and, for inference, nothing to store.  The report has one row per linear with the decision.
+
+Sequence parallelism (``OSPConfig(sequence_parallel=...)``): the pass runs after the token layout
+pass and reads where each linear's input stands from its relayouts (``meta["osp_relayout"]``):
+``sharded`` (one rank's shard of the tokens: downstream of a relayout into a sharded layout, before
+the gather) gets the SP group, so its scales are the whole tensor's; ``replicated`` (whole on every
+rank, before or beside the sharded region, so its output gradient arrives in partial sums) gets the
+group and ``replicated=True`` under QAT (``hif8/qat.py`` says why and what it costs); ``gathered``
+(replicated after the gather: the same values and full gradients on every rank) gets nothing, as
+one process.  ``hif8-infer`` has a straight-through (linear) backward, so only ``sharded`` matters.
+HiF8 ops the model calls itself (the ``HiF8Linear`` modules of ``hif8.release_float_weights``) get
+the same arguments.  The report's rows then carry each linear's ``sp`` role.
 """
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
+from osp_compile.errors import OSPAnalysisError
 from osp_compile.hif8 import inference, qat  # noqa: F401  (qat defines osp::hif8_qat_linear)
 from osp_compile.report import PassReport
-from .fx_utils import linear_calls, meta_value, shape_of
+from .fx_utils import call_args, linear_calls, meta_value, shape_of
+from .token_layout import sp_info
 
 DEFAULT_EXCLUDE = (
     "patch_embedding*",  # Wan2.1 and diffusers: the Conv3d patchifier (and any linear form of it)
@@ -90,9 +104,82 @@ def _replace(g: fx.Graph, node: fx.Node, target, args: tuple) -> fx.Node:
     return new
 
 
+SHARDED, REPLICATED, GATHERED = "sharded", "replicated", "gathered"
+
+
+@dataclass
+class _SPRoles:
+    """Where the tensors of a sequence-parallel graph stand (see the module docstring)."""
+
+    group: str = ""  # "" for one process: no role, no extra op arguments
+    sharded: set = field(default_factory=set)
+    gathered: set = field(default_factory=set)
+
+    def role(self, x: fx.Node) -> str | None:
+        if not self.group:
+            return None
+        return SHARDED if x in self.sharded else GATHERED if x in self.gathered else REPLICATED
+
+    def extra_args(self, x: fx.Node, infer: bool) -> tuple:
+        """The trailing ``(group[, replicated])`` arguments of the HiF8 op reading ``x``."""
+        role = self.role(x)
+        if role == SHARDED:
+            return (self.group,)
+        if role == REPLICATED and not infer:
+            return (self.group, True)
+        return ()
+
+
+def _set_sp_args(node: fx.Node, extra: tuple) -> None:
+    """Give a HiF8 op already in the graph the SP arguments ``extra`` (replacing any it had)."""
+    names = [a.name for a in node.target._schema.arguments]
+    given = call_args(node, names)
+    node.args = tuple(given[n] for n in names if n not in ("group", "replicated")) + extra
+    node.kwargs = {}
+
+
+def _relayout(n: fx.Node) -> dict | None:
+    return n.meta.get("osp_relayout")
+
+
+def _is_gather(n: fx.Node) -> bool:
+    """A relayout into the replicated ("full") layout."""
+    info = _relayout(n)
+    return info is not None and info["dst"] == "full"
+
+
+def _downstream(starts: list[fx.Node], stop) -> set[fx.Node]:
+    """``starts`` and every node reachable from them through users, not entering a node where ``stop``."""
+    seen: set[fx.Node] = set()
+    todo = list(starts)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(u for u in n.users if not stop(u))
+    return seen
+
+
+def _sp_roles(gm: fx.GraphModule, ctx) -> _SPRoles:
+    sp = sp_info(ctx.config)
+    if sp.world <= 1:
+        return _SPRoles()
+    relayouts = [n for n in gm.graph.nodes if _relayout(n) is not None]
+    if not relayouts and ctx.analysis is not None and ctx.analysis.video_sites:
+        raise OSPAnalysisError(
+            "hif8_linear: a sequence-parallel graph with video attention but no relayout node carrying "
+            "meta['osp_relayout']: cannot tell sharded tokens from replicated tensors, so HiF8 cannot share "
+            "its scales correctly (the token layout pass must run first and mark its relayouts)"
+        )
+    sharded = _downstream([n for n in relayouts if not _is_gather(n)], _is_gather)
+    gathered = _downstream([n for n in relayouts if _is_gather(n)], lambda n: _relayout(n) is not None)
+    return _SPRoles(sp.group, sharded, gathered - sharded)
+
+
 def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
     """Replace each chosen linear by ``osp::hif8_qat_linear`` or ``osp::hif8_linear``."""
     infer = ctx.config.quant == "hif8-infer"
+    sp = _sp_roles(gm, ctx)
     patterns = list(ctx.config.quant_exclude) if ctx.config.quant_exclude is not None else list(DEFAULT_EXCLUDE)
     g = gm.graph
     store = None
@@ -111,8 +198,13 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
         transposed = call["form"] in _TRANSPOSED_FORMS
         rows.append({"linear": fqn or f"(node {node.name})", "form": call["form"], "shape": shape_of(weight),
                      "decision": why or ("quantized: HiF8 codes" if infer else "quantized: HiF8 QAT")})
+        if sp.group:
+            rows[-1]["sp"] = sp.role(call["input"])
         if why is not None:
+            if sp.group and call["form"] in _HIF8_FORMS:
+                _set_sp_args(node, sp.extra_args(call["input"], infer=call["form"] == "hif8_linear"))
             continue
+        extra = sp.extra_args(call["input"], infer)
         if infer:
             real = _real_weight(gm, weight).detach()
             codes_attr, scale_attr = store.get_or_quantize(fqn, real.T if transposed else real)
@@ -121,14 +213,14 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
                 scale = g.get_attr(f"{STORE_NAME}.{scale_attr}")
             codes.meta["example_value"] = _fake_like(node, store.get_buffer(codes_attr))
             scale.meta["example_value"] = _fake_like(node, store.get_buffer(scale_attr))
-            replaced[node] = _replace(g, node, torch.ops.osp.hif8_linear.default, (x, codes, call["bias"], scale))
+            replaced[node] = _replace(g, node, torch.ops.osp.hif8_linear.default, (x, codes, call["bias"], scale, *extra))
         else:
             if transposed:
                 with g.inserting_before(node):
                     weight_t = g.call_function(torch.t, (weight,))
                 weight_t.meta["example_value"] = meta_value(weight).t()
                 weight = weight_t
-            replaced[node] = _replace(g, node, torch.ops.osp.hif8_qat_linear.default, (x, weight, call["bias"]))
+            replaced[node] = _replace(g, node, torch.ops.osp.hif8_qat_linear.default, (x, weight, call["bias"], *extra))
     if infer:
         _declare_to_aot(gm, store)
     gm.recompile()

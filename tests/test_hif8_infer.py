@@ -14,11 +14,10 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from osp_compile import OSPConfig, convert
 from osp_compile.backend import report_for, state_for
-from osp_compile.hif8 import codec, fp8, hif8_state_dict, inference, load_hif8_state_dict, triton_kernels
+from osp_compile.hif8 import fp8, hif8_state_dict, inference, load_hif8_state_dict, triton_kernels
 from osp_compile.hif8.qat import hif8_qat_linear
 from osp_compile.lowering import hif8_kernels
 from osp_compile.lowering.registry import kernels_for
@@ -233,7 +232,7 @@ def test_fp8_path_quantizes_a_shared_activation_once(monkeypatch):
     w8 = fp8.transcode_weight(codes, scale)
     calls = []
     real = fp8.quantize_act_e4m3
-    monkeypatch.setattr(fp8, "quantize_act_e4m3", lambda t: calls.append(1) or real(t))
+    monkeypatch.setattr(fp8, "quantize_act_e4m3", lambda *a: calls.append(1) or real(*a))
     first = fp8.fp8_linear(x, w8, b)
     assert rel_err(fp8.fp8_linear(x, w8, None) + b, first) < 1e-6
     assert len(calls) == 1  # q, k, v on one x: one activation quantization
@@ -258,9 +257,10 @@ def test_fp8_path_emulated_matches_reference_and_cpu_scaled_mm():
     assert rel_err(mm + b, got) <= 1e-6
 
 
-def test_npu_kernel_calls_documented_torch_npu(monkeypatch):
-    """NEVER RUN ON ASCEND: an emulation of the two documented calls (see lowering/hif8_kernels.py)
-    that checks the arguments and computes their documented result with en_dtypes."""
+def install_fake_torch_npu(monkeypatch) -> list:
+    """NEVER RUN ON ASCEND: ``torch_npu`` replaced by an emulation of the two documented calls (see
+    lowering/hif8_kernels.py) that checks the arguments and computes their documented result with
+    en_dtypes.  Returns the list of the calls made."""
     calls = []
     npu = types.ModuleType("torch_npu")
     npu.hifloat8 = object()  # torch_npu's dtype code, only passed through
@@ -285,6 +285,11 @@ def test_npu_kernel_calls_documented_torch_npu(monkeypatch):
 
     npu.npu_dtype_cast, npu.npu_quant_matmul = npu_dtype_cast, npu_quant_matmul
     monkeypatch.setitem(sys.modules, "torch_npu", npu)
+    return calls
+
+
+def test_npu_kernel_calls_documented_torch_npu(monkeypatch):
+    calls = install_fake_torch_npu(monkeypatch)
     x, _, b, codes, scale = _linear_case(seed=8)
     got = hif8_kernels.hif8_linear_npu(x.reshape(37, 1, 80), codes, b, scale)
     assert calls == ["npu_dtype_cast", "npu_quant_matmul"]

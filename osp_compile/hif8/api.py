@@ -51,33 +51,35 @@ def quantize(x: torch.Tensor, rounding: str = "ta", saturate: bool = False, back
     return codec.quantize(x, rounding, saturate)
 
 
-def quantize_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta", backend: str = "auto") -> torch.Tensor:
+def quantize_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta", backend: str = "auto",
+                    amax: torch.Tensor | None = None) -> torch.Tensor:
     """Per-tensor scaled fake-quant ``quantize(x * s) / s``, ``s = scale_max / max|x|`` (1 if that
     max is 0 or not finite).  See ``codec.quantize_scaled``; the Triton path fuses scale, round
-    and unscale into one pass with the same float32 arithmetic."""
+    and unscale into one pass with the same float32 arithmetic.  ``amax``: ``max|x|`` computed
+    elsewhere, when ``x`` is one shard of the tensor the scale is for (``group.group_amax``)."""
     if isinstance(x, torch.Tensor) and _use_triton(x, backend):
         codec._check_input(x)
         codec._check_rounding(rounding)
-        scale = codec._per_tensor_scale(x, scale_max)
+        scale = codec._per_tensor_scale(x, scale_max, amax)
         return triton_kernels.quantize_triton(x, scale=scale, rounding=rounding)
-    return codec.quantize_scaled(x, scale_max, rounding)
+    return codec.quantize_scaled(x, scale_max, rounding, amax)
 
 
-def per_tensor_scale(x: torch.Tensor, scale_max: float) -> torch.Tensor:
+def per_tensor_scale(x: torch.Tensor, scale_max: float, amax: torch.Tensor | None = None) -> torch.Tensor:
     """float32 0-dim ``scale_max / max|x|`` (1 where that max is 0 or not finite): the scale of
-    ``quantize_scaled``, for kernels that apply it themselves (no host sync)."""
-    return codec._per_tensor_scale(x, scale_max)
+    ``quantize_scaled``, for kernels that apply it themselves (no host sync); ``amax`` as there."""
+    return codec._per_tensor_scale(x, scale_max, amax)
 
 
-def encode_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta",
-                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta", backend: str = "auto",
+                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, s)``: the HiF8 codes of ``x * s`` with ``s = scale_max / max|x|`` (as in
-    ``quantize_scaled``), and ``s`` as a float32 0-dim tensor.  ``decode(codes) / s`` is then
-    exactly ``quantize_scaled(x, scale_max)`` in float32: what a stored HiF8 weight, or an
+    ``quantize_scaled``, ``amax`` too), and ``s`` as a float32 0-dim tensor.  ``decode(codes) / s``
+    is then exactly ``quantize_scaled(x, scale_max)`` in float32: what a stored HiF8 weight, or an
     activation fed to a HiF8 GEMM, carries."""
     codec._check_input(x)
     codec._check_rounding(rounding)
-    scale = per_tensor_scale(x, scale_max)
+    scale = per_tensor_scale(x, scale_max, amax)
     if _use_triton(x, backend):
         return triton_kernels.encode_triton(x, rounding, scale=scale), scale
     return codec.encode(x.detach().to(torch.float32) * scale, rounding), scale

@@ -242,19 +242,30 @@ def quantize(x: torch.Tensor, rounding: str = "ta", saturate: bool = False) -> t
     return decode(encode(x, rounding, saturate), x.dtype)
 
 
-def _per_tensor_scale(x: torch.Tensor, scale_max: float) -> torch.Tensor:
+def absmax(x: torch.Tensor) -> torch.Tensor:
+    """float32 0-dim ``max|x|`` (exact: the max of the magnitudes is one of them); 0 for an empty ``x``."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return x.detach().abs().amax().to(torch.float32)
+
+
+def _per_tensor_scale(x: torch.Tensor, scale_max: float, amax: torch.Tensor | None = None) -> torch.Tensor:
     """float32 0-dim scale ``scale_max / max|x|``; 1 where ``max|x|`` is 0 or not finite.
 
+    ``amax``: ``max|x|`` computed elsewhere (over every shard of a sequence-parallel tensor,
+    ``group.group_amax``); by default that of ``x`` itself.
     Stays a tensor (no host sync), so it is cheap on GPU and traceable."""
-    amax = x.detach().abs().amax().to(torch.float32)
+    amax = absmax(x) if amax is None else amax.to(torch.float32).reshape(())
     ok = torch.isfinite(amax) & (amax > 0)
     # A tensor numerator: `float / tensor` is computed as a reciprocal times the float, which is
     # not the correctly rounded quotient; full_like also avoids a host-to-device copy.
     return torch.where(ok, torch.full_like(amax, float(scale_max)) / torch.where(ok, amax, 1.0), 1.0)
 
 
-def quantize_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta") -> torch.Tensor:
-    """Per-tensor scaled HiF8 fake-quant: ``quantize(x * s) / s`` with ``s = scale_max / max|x|``.
+def quantize_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta",
+                    amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-tensor scaled HiF8 fake-quant: ``quantize(x * s) / s`` with ``s = scale_max / max|x|``
+    (``max|x|`` given as ``amax`` where ``x`` is one shard of the tensor, see `_per_tensor_scale`).
 
     This is OSP-Next's ``hif8_linear`` recipe (scale_max 15 for activations and weights, 224 for
     gradients): the largest magnitude lands on ``scale_max``, where HiF8 still has 2-3 mantissa
@@ -266,6 +277,6 @@ def quantize_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta") -> 
     """
     _check_input(x)
     _check_rounding(rounding)
-    scale = _per_tensor_scale(x, scale_max)
+    scale = _per_tensor_scale(x, scale_max, amax)
     xf = x.detach().to(torch.float32)
     return (quantize(xf * scale, rounding) / scale).to(x.dtype)

@@ -14,6 +14,7 @@ that would need clamping above 448) is counted, per weight, when it is transcode
   round to nearest, ties away) and written as E4M3 shifted by ``2^act_shift(15) = 16`` (15 * 16 =
   240 <= 448).  On CUDA this is one fused Triton pass after an absmax reduction
   (``triton_fp8.py``); `quantize_act_e4m3_reference` is the same in torch ops, bit for bit.
+  Under sequence parallelism the absmax is the SP group's (``group.py``), passed in as ``amax``.
 * `fp8_linear`: ``torch._scaled_mm`` on CUDA capability >= 8.9 (Ada/Hopper), else the same
   arithmetic emulated in float32 (E4M3 x E4M3 products are exact in float32), used on CPU.
 """
@@ -28,6 +29,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import api, codec, triton_kernels
+from .group import group_amax
 from .qat import X_SCALE_MAX
 
 E4M3_MAX = 448.0
@@ -117,41 +119,46 @@ def act_shift(scale_max: float = X_SCALE_MAX) -> int:
     return math.floor(math.log2(E4M3_MAX / top))
 
 
-def quantize_act_e4m3_reference(x: torch.Tensor, scale_max: float = X_SCALE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act_e4m3_reference(x: torch.Tensor, scale_max: float = X_SCALE_MAX,
+                                amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x8, dequant)``: E4M3 ``HiF8(x * s) * 2^k`` and float32 0-dim ``1 / (s * 2^k)``, in torch ops.
 
-    ``s = scale_max / max|x|`` as in the QAT forward; values below E4M3's window round to
-    nearest even there (they are < 2^-9 / 240 of the largest).  Zeros may come out as -0."""
+    ``s = scale_max / max|x|`` as in the QAT forward (``max|x|`` given as ``amax`` where ``x`` is
+    one shard of the tensor); values below E4M3's window round to nearest even there (they are
+    < 2^-9 / 240 of the largest).  Zeros may come out as -0."""
     k = act_shift(scale_max)
-    s = api.per_tensor_scale(x, scale_max)
+    s = api.per_tensor_scale(x, scale_max, amax)
     q = codec.quantize(x.detach().to(torch.float32) * s)
     return (q * 2.0 ** k).to(torch.float8_e4m3fn), (1.0 / (s * 2.0 ** k)).reshape(())
 
 
-def quantize_act_e4m3(x: torch.Tensor, scale_max: float = X_SCALE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act_e4m3(x: torch.Tensor, scale_max: float = X_SCALE_MAX,
+                      amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_act_e4m3_reference`, as the fused Triton kernel on CUDA."""
     if x.device.type == "cuda" and triton_kernels.triton_available(x.device):
         from .triton_fp8 import quantize_act_e4m3_triton
 
-        return quantize_act_e4m3_triton(x, scale_max)
-    return quantize_act_e4m3_reference(x, scale_max)
+        return quantize_act_e4m3_triton(x, scale_max, amax)
+    return quantize_act_e4m3_reference(x, scale_max, amax)
 
 
-_LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, (x8, dequant))
+_LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, group, (x8, dequant))
 
 
-def _activation_e4m3(x: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_act_e4m3`` of ``x`` [..., K] as [M, K]; with ``reuse``, the result of the previous
-    call when ``x`` is the same, unmodified tensor: the q, k and v projections of a block read one
-    ``x``, which is then quantized once.  One entry, held by a weak reference to ``x`` (a freed
-    ``x`` can never match) and its version counter (an in-place write invalidates it)."""
+def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_act_e4m3`` of ``x`` [..., K] as [M, K] (scaled over the SP ``group``); with
+    ``reuse``, the result of the previous call when ``x`` is the same, unmodified tensor: the q, k
+    and v projections of a block read one ``x``, which is then quantized once (and its absmax
+    all-reduced once: every rank runs the same calls, so they hit or miss alike).  One entry, held
+    by a weak reference to ``x`` (a freed ``x`` can never match) and its version counter (an
+    in-place write invalidates it).  Only a call with the same ``group`` reuses it."""
     global _LAST_ACTIVATION
     if reuse and _LAST_ACTIVATION is not None:
-        ref, version, result = _LAST_ACTIVATION
-        if ref() is x and x._version == version:
+        ref, version, last_group, result = _LAST_ACTIVATION
+        if ref() is x and x._version == version and last_group == group:
             return result
-    result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]))
-    _LAST_ACTIVATION = (weakref.ref(x), x._version, result) if reuse else None
+    result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]), X_SCALE_MAX, group_amax(x, group))
+    _LAST_ACTIVATION = (weakref.ref(x), x._version, group, result) if reuse else None
     return result
 
 
@@ -161,16 +168,17 @@ def scaled_mm_supported(device: torch.device) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = None,
-               use_fast_accum: bool = False, reuse_activation: bool = True) -> torch.Tensor:
+               use_fast_accum: bool = False, reuse_activation: bool = True, group: str = "") -> torch.Tensor:
     """``HiF8(x) @ W^T + bias`` on E4M3 operands, in ``x``'s dtype.
 
     ``torch._scaled_mm`` where supported and the shapes allow (in/out features multiples of 16;
     rows are padded to 16), else emulated in float32.  ``use_fast_accum`` (Hopper's faster,
     less precise FP8 accumulation) only affects ``_scaled_mm``.  ``reuse_activation``: see
-    `_activation_e4m3` (benchmarks of one linear turn it off)."""
+    `_activation_e4m3` (benchmarks of one linear turn it off).  ``group``: the sequence-parallel
+    group ``x``'s tokens are split over ("" for one process; ``group.py``)."""
     k = x.shape[-1]
     n = weight.data.shape[0]
-    x8, x_dequant = _activation_e4m3(x, reuse_activation)
+    x8, x_dequant = _activation_e4m3(x, reuse_activation, group)
     if scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
         m = x8.shape[0]
         pad = -m % 16

@@ -1,6 +1,6 @@
 """HiF8 inference linear: weights stored once as HiF8 codes plus a per-tensor scale.
 
-    osp::hif8_linear(x, codes, bias, scale) = fq(x, 15) @ (decode(codes) / scale)^T + bias
+    osp::hif8_linear(x, codes, bias, scale, group="") = fq(x, 15) @ (decode(codes) / scale)^T + bias
 
 ``codes`` (uint8, [out, in]) are the HiF8 codes of ``W * scale``, ``scale = 15 / max|W|``
 (float32, 0-dim), so ``decode(codes) / scale`` is bit for bit the QAT forward's ``fq(W, 15)``;
@@ -8,6 +8,8 @@ activations get the QAT forward's per-tensor quantization on the fly.  The argum
 (input, weight, bias) first, as ``passes.fx_utils.linear_calls`` (and so LoRA) reads every linear.
 The default implementation here is the portable reference (decode, then a float matmul); the
 per-target kernels (``osp_compile/lowering/hif8_kernels.py``) compute the same thing faster.
+``group`` is the sequence-parallel group ``x``'s tokens are split over ("" for one process): the
+activation's scale is then the whole tensor's, all-reduced over the group (``group.py``).
 
 Where the codes live.  A Dynamo graph takes the parameters as inputs, so the converted graph cannot
 hold the codes itself.  The pass quantizes each weight once into a session store,
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import api
+from .group import group_amax
 from .qat import W_SCALE_MAX, X_SCALE_MAX
 
 STATE_KEY = "hif8"
@@ -46,17 +49,17 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 
 def hif8_linear_reference(x: torch.Tensor, codes: torch.Tensor, bias: Optional[torch.Tensor],
-                          scale: torch.Tensor) -> torch.Tensor:
+                          scale: torch.Tensor, group: str = "") -> torch.Tensor:
     """The op's meaning in plain torch: quantize ``x`` per tensor, decode the weight, float matmul."""
-    x_q = api.quantize_scaled(x, X_SCALE_MAX)
+    x_q = api.quantize_scaled(x, X_SCALE_MAX, amax=group_amax(x, group))
     return F.linear(x_q, dequantize_weight(codes, scale, x.dtype), bias)
 
 
-HIF8_LINEAR_SCHEMA = "(Tensor x, Tensor codes, Tensor? bias, Tensor scale) -> Tensor"
+HIF8_LINEAR_SCHEMA = '(Tensor x, Tensor codes, Tensor? bias, Tensor scale, str group="") -> Tensor'
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, codes, bias, scale = inputs
+    x, codes, bias, scale, _ = inputs
     ctx.save_for_backward(codes, scale)
     ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
@@ -65,24 +68,25 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad: torch.Tensor):
     """Straight-through for ``x`` (gradient of the dequantized linear), so adapters or inputs
     upstream of a frozen HiF8 model (LoRA beside it) still train; the codes get no gradient.
+    Linear in ``grad``, so no scale (and no collective) is involved under sequence parallelism.
     AOTAutograd traces this: the decode is the torch codec (Triton cannot run on fake tensors)."""
     codes, scale = ctx.saved_tensors
     grad_x = grad @ dequantize_weight(codes, scale, ctx.x_dtype, backend="torch") if ctx.needs_input_grad[0] else None
     grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_x, None, grad_b, None
+    return grad_x, None, grad_b, None, None
 
 
 def hif8_linear_op(qualname: str, impl):
-    """``impl(x, codes, bias, scale)`` as an opaque custom op with the semantics of
+    """``impl(x, codes, bias, scale, group)`` as an opaque custom op with the semantics of
     ``osp::hif8_linear``: fake implementation (shapes only) and the straight-through backward.
 
     ``osp::hif8_linear`` itself and each per-target kernel (``lowering/hif8_kernels.py``) are
     made here, so that Dynamo, AOTAutograd and Inductor see one node per linear whatever the
     target, never trace into Triton / cuBLAS / torch_npu calls, and every kernel differentiates
     the same way."""
-    op = torch.library.custom_op(qualname, lambda x, codes, bias, scale: impl(x, codes, bias, scale).contiguous(),
-                                 mutates_args=(), schema=HIF8_LINEAR_SCHEMA)
-    op.register_fake(lambda x, codes, bias, scale: x.new_empty((*x.shape[:-1], codes.shape[0])))
+    op = torch.library.custom_op(qualname, lambda x, codes, bias, scale, group="": impl(x, codes, bias, scale, group)
+                                 .contiguous(), mutates_args=(), schema=HIF8_LINEAR_SCHEMA)
+    op.register_fake(lambda x, codes, bias, scale, group="": x.new_empty((*x.shape[:-1], codes.shape[0])))
     op.register_autograd(_backward, setup_context=_setup_context)
     return op
 

@@ -5,7 +5,9 @@ cores costs a GEMM plus two memory-bound passes over ``x`` (``max|x|``, a torch 
 reads ``x`` once, then this kernel: read ``x``, write one byte per element), instead of a
 chain of elementwise torch ops.  Each program computes ``s = scale_max / max|x|`` itself (correctly
 rounded, as the torch codec does); program 0 also writes the dequantization scale
-``1 / (s * 2^k)`` for ``torch._scaled_mm``, so nothing waits on the host.
+``1 / (s * 2^k)`` for ``torch._scaled_mm``, so nothing waits on the host.  A precomputed
+``max|x|`` (the sequence-parallel group's, see ``group.py``) replaces the reduction: the kernel
+reads the max from memory either way, so its bits are those of the whole tensor with that max.
 
 The rounding is the codec's TA rounding on the float32 bit pattern, specialised to what reaches
 E4M3, with few integer instructions (the pass must stay memory-bound at ~3 TB/s): the scaled values
@@ -64,9 +66,11 @@ def _kernel(interpret: bool):
     return triton.autotune(configs, key=["n"])(kernel)
 
 
-def quantize_act_e4m3_triton(x: torch.Tensor, scale_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fp8.quantize_act_e4m3_reference(x, scale_max)`` as a Triton kernel (CUDA, or the CPU
-    interpreter): ``(x8, dequant)``, ``x8`` E4M3 of ``x``'s shape, ``dequant`` float32 0-dim."""
+def quantize_act_e4m3_triton(x: torch.Tensor, scale_max: float,
+                             amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8.quantize_act_e4m3_reference(x, scale_max, amax)`` as a Triton kernel (CUDA, or the CPU
+    interpreter): ``(x8, dequant)``, ``x8`` E4M3 of ``x``'s shape, ``dequant`` float32 0-dim.
+    ``amax``: ``max|x|`` computed elsewhere (a 0-dim or one-element tensor on ``x``'s device)."""
     from .fp8 import act_shift
 
     shift = act_shift(scale_max)
@@ -77,7 +81,9 @@ def quantize_act_e4m3_triton(x: torch.Tensor, scale_max: float) -> tuple[torch.T
     n = xc.numel()
     if n == 0:
         return out, torch.ones((), dtype=torch.float32, device=x.device)
-    amax = torch.linalg.vector_norm(xc, float("inf")).reshape(1)
+    if amax is None:
+        amax = torch.linalg.vector_norm(xc, float("inf"))
+    amax = amax.to(device=x.device, dtype=torch.float32).reshape(1)
     dequant = torch.empty((), dtype=torch.float32, device=x.device)
     interpret = x.device.type == "cpu"
     kernel = _kernel(interpret)

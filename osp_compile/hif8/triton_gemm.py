@@ -16,6 +16,7 @@ import functools
 import torch
 
 from . import api, codec, triton_kernels
+from .group import group_amax
 from .qat import X_SCALE_MAX
 
 tl = None  # triton.language, set by _kernel()
@@ -93,9 +94,11 @@ def hif8_gemm(a_codes: torch.Tensor, b_codes: torch.Tensor, dequant: torch.Tenso
 
 
 def hif8_linear_triton(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                       scale: torch.Tensor) -> torch.Tensor:
-    """``osp::hif8_linear`` on the decode GEMM: encode ``x`` (scale 15), then `hif8_gemm`."""
+                       scale: torch.Tensor, group: str = "") -> torch.Tensor:
+    """``osp::hif8_linear`` on the decode GEMM: encode ``x`` (scale 15, over the SP ``group``'s
+    absmax where ``x`` is a shard: ``group.py``), then `hif8_gemm`."""
     k = x.shape[-1]
-    x_codes, x_scale = api.encode_scaled(x.reshape(-1, k), X_SCALE_MAX, backend="triton")
+    x_codes, x_scale = api.encode_scaled(x.reshape(-1, k), X_SCALE_MAX, backend="triton",
+                                         amax=group_amax(x, group))
     out = hif8_gemm(x_codes, codes, 1.0 / (x_scale * scale.to(torch.float32)), bias, x.dtype)
     return out.reshape(*x.shape[:-1], codes.shape[0])

@@ -1,9 +1,11 @@
-"""Kernels of ``osp::hif8_linear(x, codes, bias, scale)`` per target (``register_kernel``).
+"""Kernels of ``osp::hif8_linear(x, codes, bias, scale, group)`` per target (``register_kernel``).
 
 Each computes what the op computes (``osp_compile/hif8/inference.py``): the activation quantized
 per tensor with scale_max 15, times the HiF8 weight ``decode(codes) / scale``, plus bias.  Each
 is an opaque custom op made by ``inference.hif8_linear_op`` (fake implementation, the op's
 straight-through backward), so Inductor and AOTAutograd never trace into a device library.
+Each takes ``group``, the sequence-parallel group ``x``'s tokens are split over, and scales the
+activation by the group's absmax (``hif8/group.py``: one all-reduce MAX of a 0-dim tensor).
 
 * ``cpu``: the reference (decode, float matmul) -- the op's own implementation.
 * ``cuda`` (``osp_cuda::hif8_linear``): FP8 tensor cores where the GPU has them (capability >= 8.9)
@@ -26,27 +28,28 @@ from __future__ import annotations
 import torch
 
 from osp_compile.hif8 import api, fp8, inference, triton_gemm, triton_kernels
+from osp_compile.hif8.group import group_amax
 from osp_compile.hif8.qat import X_SCALE_MAX
 
 from .registry import register_kernel
 
 
 def hif8_linear_cuda_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                          scale: torch.Tensor) -> torch.Tensor:
+                          scale: torch.Tensor, group: str = "") -> torch.Tensor:
     """FP8 tensor cores (``_scaled_mm``) where possible, else the Triton decode GEMM."""
     n, k = codes.shape
     if fp8.scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
-        return fp8.fp8_linear(x, fp8.cached_e4m3_weight(codes, scale), bias)
-    return triton_gemm.hif8_linear_triton(x, codes, bias, scale)
+        return fp8.fp8_linear(x, fp8.cached_e4m3_weight(codes, scale), bias, group=group)
+    return triton_gemm.hif8_linear_triton(x, codes, bias, scale, group)
 
 
 def hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                         scale: torch.Tensor) -> torch.Tensor:
+                         scale: torch.Tensor, group: str = "") -> torch.Tensor:
     """``torch_npu.npu_quant_matmul`` on HiF8 x HiF8 (see the module docstring)."""
     import torch_npu
 
     n, k = codes.shape
-    x_scale = api.per_tensor_scale(x, X_SCALE_MAX)
+    x_scale = api.per_tensor_scale(x, X_SCALE_MAX, group_amax(x, group))
     x_hif8 = torch_npu.npu_dtype_cast(x.reshape(-1, k).to(torch.float32) * x_scale, torch_npu.hifloat8)
     out = torch_npu.npu_quant_matmul(
         x_hif8, codes.t(), (1.0 / scale.to(torch.float32)).reshape(1),
