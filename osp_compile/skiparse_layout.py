@@ -159,6 +159,11 @@ def real_length_classes(grid: tuple[int, int, int], p: int, pattern: str, first:
     return tuple(runs)
 
 
+def packed_attention_pairs(grid: tuple[int, int, int], p: int, pattern: str) -> int:
+    """(query, key) pairs one sample's packed attention computes: sum of squared real lengths."""
+    return sum(len(t) ** 2 for t in subsequence_tokens(grid, p, pattern))
+
+
 def key_padding_mask(grid: Sequence[IntLike], p: int, pattern: str, batch: int, device: torch.device) -> torch.Tensor | None:
     """Bool [P*P*B, 1, 1, L] (True = a real key), or None when the grid needs no padding."""
     t, h, w = grid

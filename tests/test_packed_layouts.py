@@ -105,3 +105,17 @@ def test_ops_across_the_batch_stay_in_the_packed_layout():
         with masked_oracle(report.layout, (3, 6, 10), 2):
             ref = model(*args, **kwargs)
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_report_counts_the_flops_of_real_tokens_only():
+    """On a ragged grid (3, 6, 10) the fused sites compute sum(len^2) pairs, not the padded fold's."""
+    model = build_model("tiny", num_layers=2, seed=1)
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=(3, 12, 20), seed=2)
+    report = convert(model, args, kwargs, OSPConfig(sparse_ratio=2, layout="all_sparse")).osp_report
+    rows = [r for r in report.sites.values() if r.layout in ("token", "group")]
+    assert len(rows) == 2
+    for r in rows:
+        sid = subsequence_id((3, 6, 10), 2, r.layout).numpy()
+        pairs = sum(int((sid == s).sum()) ** 2 for s in range(4))
+        assert r.flops_after == 4 * r.heads * r.head_dim * r.batch * pairs
+        assert r.flops_after < 4 * r.heads * r.head_dim * r.batch * 4 * r.subsequence_len ** 2  # padded fold: more
