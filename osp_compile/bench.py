@@ -5,10 +5,18 @@ Variants: dense eager; dense under torch.compile (Inductor) - the fair baseline;
 `convert()` (Dynamo graph, eager kernels); OSP via ``torch.compile(backend="osp")`` (Inductor);
 OSP + ``quant="hif8-infer"`` (when its kernels exist for the device). Medians over repeated runs
 after warm-up (CUDA events), peak memory, compile time; a profiler breakdown of the OSP step
-(attention, GEMMs, layout changes, the rest) answers what the rearrangement costs.
+(attention, GEMMs, layout changes, the rest) and its top kernels say where the time goes.
+
+What the layout costs is measured, not inferred from kernel names (Inductor fuses the token
+gathers into neighbouring norms, so no kernel is "the relayout"): the ablation ``osp-no-relayout``
+compiles the same OSP graph with every relayout replaced by the identity - the same kernels on the
+same shapes, since a packed layout has exactly the natural layout's shape on one device - and the
+difference to ``osp-backend`` is the cost of rearranging and switching. Padding costs nothing by
+construction (packed layouts carry no padded row).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -17,7 +25,8 @@ from typing import Callable
 
 import torch
 
-VARIANTS = ("dense-eager", "dense-inductor", "osp-convert", "osp-backend", "osp-hif8")
+VARIANTS = ("dense-eager", "dense-inductor", "osp-convert", "osp-backend", "osp-hif8", "osp-no-relayout")
+ABLATIONS = {"osp-no-relayout": "ablation: relayouts replaced by identity (output invalid, timing only)"}
 
 
 @dataclass
@@ -82,7 +91,26 @@ def categorize(name: str) -> str:
     return "other (norms, modulation, pointwise)"
 
 
-def profile_breakdown(fn: Callable, device: str) -> dict:
+@contextlib.contextmanager
+def relayouts_as_identity():
+    """While active, `osp::skiparse_relayout` traces to the identity (the ablation variant).
+    Inductor's and AOTAutograd's caches are off meanwhile: the graph text is the same as the real
+    variant's, so a cache hit would bring the real relayouts back."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from . import ops
+
+    real = ops.relayout_local
+    ops.relayout_local = lambda x, *args: x
+    try:
+        with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+            yield
+    finally:
+        ops.relayout_local = real
+
+
+def profile_breakdown(fn: Callable, device: str, top: int = 12) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -91,6 +119,7 @@ def profile_breakdown(fn: Callable, device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
     totals: dict[str, float] = {}
+    kernels: list[tuple[float, int, str]] = []
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None) if device == "cuda" else evt.self_cpu_time_total
         if device == "cuda" and (evt.device_type != torch.autograd.DeviceType.CUDA if hasattr(evt, "device_type") else False):
@@ -99,8 +128,11 @@ def profile_breakdown(fn: Callable, device: str) -> dict:
             continue
         cat = categorize(evt.key)
         totals[cat] = totals.get(cat, 0.0) + t / 1e3
+        kernels.append((t / 1e3, evt.count, evt.key))
     whole = sum(totals.values()) or 1.0
-    return {k: {"ms": round(v, 3), "share": round(v / whole, 4)} for k, v in sorted(totals.items())}
+    out = {k: {"ms": round(v, 3), "share": round(v / whole, 4)} for k, v in sorted(totals.items())}
+    out["top_kernels"] = [{"ms": round(ms, 3), "calls": c, "name": name[:120]} for ms, c, name in sorted(kernels, reverse=True)[:top]]
+    return out
 
 
 def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None = None, num_full_blocks: int | None = None,
@@ -130,7 +162,7 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         if variant == "osp-convert":
             return convert(model, args, kwargs, config)
         # the backend callable itself: the same as backend="osp", without relying on the pip entry point
-        if variant == "osp-backend":
+        if variant in ("osp-backend", "osp-no-relayout"):
             opts = {"sparse_ratio": sparse_ratio, "layout": "dual_end", "num_full_blocks": full}
             return torch.compile(model, backend=osp_backend, options=opts, dynamic=False)
         if variant == "osp-hif8":
@@ -144,13 +176,14 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
 
         iterator = tqdm(variants, desc="bench", unit="variant")
     for variant in iterator:
-        row = Row(variant)
+        row = Row(variant, note=ABLATIONS.get(variant, ""))
+        ablation = relayouts_as_identity() if variant == "osp-no-relayout" else contextlib.nullcontext()
         try:
             torch._dynamo.reset()
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
+            with torch.no_grad(), ablation:
                 t0 = time.perf_counter()
                 fn = make(variant)
                 step = lambda: fn(*args, **kwargs)  # noqa: E731
@@ -164,7 +197,7 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
                 row.median_ms, row.min_ms = round(statistics.median(times), 2), round(min(times), 2)
                 if device == "cuda":
                     row.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if profile and variant in ("osp-backend", "dense-inductor", "osp-hif8", "osp-convert"):
+                if profile and variant != "dense-eager":
                     row.breakdown = profile_breakdown(step, device)
             del fn
         except Exception as exc:  # one failing variant must not hide the others
@@ -172,14 +205,19 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         rows.append(row)
     base = next((r.median_ms for r in rows if r.variant == "dense-inductor" and r.median_ms), None)
     for r in rows:
-        if base and r.median_ms:
+        if base and r.median_ms and r.variant not in ABLATIONS:
             r.speedup_vs_inductor = round(base / r.median_ms, 3)
+    timed = {r.variant: r.median_ms for r in rows if r.median_ms}
+    layout_cost = None
+    if "osp-backend" in timed and "osp-no-relayout" in timed:
+        ms = timed["osp-backend"] - timed["osp-no-relayout"]
+        layout_cost = {"ms": round(ms, 2), "share_of_step": round(ms / timed["osp-backend"], 4)}
     return {
         "preset": preset, "resolution": resolution, "layers": total, "full_blocks": full, "sparse_ratio": sparse_ratio,
         "grid": grid, "tokens": grid[0] * grid[1] * grid[2], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": str(dtype), "warmup": warmup, "iters": iters,
         "layer_reduced": layers is not None and layers != cfg.num_layers,
-        "rows": [asdict(r) for r in rows],
+        "layout_cost": layout_cost, "rows": [asdict(r) for r in rows],
     }
 
 
@@ -194,9 +232,14 @@ def table(result: dict) -> str:
              r["speedup_vs_inductor"], "compile s": r["compile_s"], "peak GiB": r["peak_gib"], "note": r["note"]}
             for r in result["rows"]]
     lines = [head, format_table(rows)]
+    cost = result.get("layout_cost")
+    if cost:
+        lines.append(f"  layout cost (osp-backend - osp-no-relayout): {cost['ms']} ms = "
+                     f"{100 * cost['share_of_step']:.1f}% of the OSP step; padding: none (packed layouts)")
     for r in result["rows"]:
         if r["breakdown"]:
-            parts = ", ".join(f"{k} {v['ms']} ms ({100 * v['share']:.1f}%)" for k, v in r["breakdown"].items())
+            parts = ", ".join(f"{k} {v['ms']} ms ({100 * v['share']:.1f}%)" for k, v in r["breakdown"].items()
+                              if k != "top_kernels")
             lines.append(f"  profile {r['variant']}: {parts}")
     return "\n".join(lines)
 

@@ -3,15 +3,16 @@
 Read from the rewritten graph: the token-layout pass marks every relayout and Ulysses call with
 what it moves (`node.meta`), and this module turns that into collectives using the same routing
 tables the kernels use (`token_layouts.routing`), so the numbers are the ones the run sends:
-an all-to-all never sends padded slots, an all-gather sends its whole (equal) shard, and a rank's
-own share never leaves it.
+an all-to-all sends real tokens only (a packed layout has no padding), the final all-gather sends
+equal shards (the largest rank's rows; smaller shards are padded to it), and a rank's own share
+never leaves it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from .token_layouts import routing, slot_ids
+from .token_layouts import routing, shard_rows
 
 
 @dataclass
@@ -37,8 +38,8 @@ def relayout_collective(src: str, dst: str, shape: tuple, itemsize: int, grid, p
         return None  # a local permutation or a local slice
     tokens = grid[0] * grid[1] * grid[2]
     batch, row = shape[0], _row_bytes(shape, itemsize, tokens)
-    if dst == "full":  # an all-gather moves equal shards: every local row, padding included
-        per_rank = [len(slot_ids(src, grid, p, world, r, batch)) * row * (world - 1) for r in range(world)]
+    if dst == "full":  # an all-gather moves equal shards: the largest shard's rows, padding included
+        per_rank = [shard_rows(src, grid, p, world, batch) * row * (world - 1)] * world
         return Collective("all_gather", site, f"{src} -> full", per_rank)
     per_rank = []
     for r in range(world):

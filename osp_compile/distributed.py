@@ -28,7 +28,8 @@ from .ops import _lib
 
 # torch 2.13 renamed all_gather_tensor to all_gather_single; torch 2.11 (the GPU machines) has the old name
 _all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
-from .token_layouts import as_index, batch_multiplier, from_rows, gather_order, gather_rows, local_gather, routing, token_rows, with_zero_row
+from .token_layouts import as_index, from_rows, gather_order, gather_rows, local_gather, routing, shard_rows, token_rows
+
 
 @dataclass(frozen=True)
 class PlanningGroup:
@@ -74,22 +75,22 @@ _lib.define(
 @torch.library.impl(_lib, "sp_relayout", "CompositeImplicitAutograd")
 def _sp_relayout(x, dim, T, H, W, P, src, dst, rank, world, group):
     grid = (T, H, W)
-    dim = dim % x.dim()
-    per_src, per_dst = batch_multiplier(src, P, world), batch_multiplier(dst, P, world)
-    batch = x.shape[0] // per_src
-    key = (src, dst, grid, P, world, rank, batch)
+    key = (src, dst, grid, P, world, rank)
     if src == "full":  # replicated -> shards: a local gather, no communication
-        return gather_rows(x, dim, local_gather(src, dst, grid, P, world, rank, batch), ("local",) + key, batch * per_dst)
-    rows, rest = token_rows(x, dim)
-    if dst == "full":  # shards -> replicated: one all-gather, then natural order
-        gathered = sp_all_gather(rows, world, group)
-        out = gathered.index_select(0, as_index(gather_order(src, grid, P, world, batch), x.device, ("gather",) + key))
+        return gather_rows(x, dim, lambda lead: local_gather(src, dst, grid, P, world, rank, lead), ("local",) + key)
+    rows, lead, rest = token_rows(x, dim)
+    key += (lead,)
+    if dst == "full":  # shards -> replicated: one all-gather (shards padded to equal rows), then natural order
+        pad = shard_rows(src, grid, P, world, lead) - rows.shape[0]
+        padded = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]) if pad else rows
+        gathered = sp_all_gather(padded, world, group)
+        out = gathered.index_select(0, as_index(gather_order(src, grid, P, world, lead), x.device, ("gather",) + key))
     else:  # shards -> shards: exactly one all-to-all
-        send, send_counts, recv_counts, gather = routing(src, dst, grid, P, world, rank, batch)
+        send, send_counts, recv_counts, place = routing(src, dst, grid, P, world, rank, lead)
         payload = rows.index_select(0, as_index(send, x.device, ("send",) + key))
         received = fc.all_to_all_single_autograd(payload, recv_counts, send_counts, group)
-        out = with_zero_row(received).index_select(0, as_index(gather, x.device, ("recv",) + key))
-    return from_rows(out, dim, batch * per_dst, rest, x.dim())
+        out = received.index_select(0, as_index(place, x.device, ("recv",) + key))
+    return from_rows(out, dim, lead, rest, x.dim())
 
 
 # ---------------------------------------------------------------------------------------------------

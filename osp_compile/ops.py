@@ -57,20 +57,22 @@ _lib.define(
 
 @torch.library.impl(_lib, "folded_attention", "CompositeImplicitAutograd")
 def _folded_attention(q, k, v, T, H, W, P, pattern, rank=0, world=1, dropout_p=0.0, scale=None, enable_gqa=False):
-    """Dense attention inside each subsequence of folded q, k, v ([P*P/world * B, heads, L, D], real
-    tokens first in each subsequence). Subsequences of equal real length run as one batch on views
-    of their real prefix - no mask, so the fastest dense kernel (flash) applies. Padded query slots
-    attend like real ones (their output is never used), so no output needs padding."""
+    """Dense attention inside each subsequence of packed q, k, v ([B, heads, tokens, D], the real
+    tokens of this rank's subsequences one after another; `token_layouts`). Subsequences of equal
+    length run as one dense batch on a view of their rows: no mask and no padding, so the fastest
+    dense kernel applies and no row is computed twice."""
     grid = (int(T), int(H), int(W))
     per = P * P // world
-    batch = q.shape[0] // per
     outs = []
-    for start, stop, n in real_length_classes(grid, P, pattern, rank * per, per):
-        rows = slice(start * batch, stop * batch)
-        o = F.scaled_dot_product_attention(q[rows], k[rows, :, :n], v[rows, :, :n], dropout_p=dropout_p,
-                                           scale=scale, enable_gqa=enable_gqa)
-        outs.append(o)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    for offset, count, n in real_length_classes(grid, P, pattern, rank * per, per):
+        def run(t):  # [B, h, count*n, D] rows -> [B*count, h, n, D]
+            t = t.narrow(-2, offset, count * n).unflatten(-2, (count, n))
+            return t.movedim(-3, 1).flatten(0, 1)
+
+        o = F.scaled_dot_product_attention(run(q), run(k), run(v), dropout_p=dropout_p, scale=scale,
+                                           enable_gqa=enable_gqa)
+        outs.append(o.unflatten(0, (q.shape[0], count)).movedim(1, -3).flatten(-3, -2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
 skiparse_relayout = torch.ops.osp.skiparse_relayout.default

@@ -10,6 +10,11 @@ Patterns (time is never split; y/x are rows/columns of the padded grid):
   group-wise: sid(t, y, x) = (floor(y/P) mod P, ...)        y = hh*P*P + p1*P + p2, sid part p1
 Folded batch order is (p, q, b): subsequence-major, as OSP-Next's einops `(p q b)`.
 Inside a subsequence tokens keep frame-major order: token-wise (t h w), group-wise (t hh p2 ww q2).
+
+The fold (padding and all) serves the per-site op `osp::skiparse_attention` and the pictures. The
+hidden state that runs between sparse blocks is *packed* instead (`subsequence_tokens`): the real
+tokens only, subsequence after subsequence along the token dim, the batch dim untouched
+(`osp_compile.token_layouts`).
 """
 from __future__ import annotations
 
@@ -130,33 +135,33 @@ def _fold_index(grid: tuple[int, int, int], p: int, pattern: str) -> torch.Tenso
 
 
 @lru_cache(maxsize=None)
-def layout_index(grid: tuple[int, int, int], p: int, pattern: str) -> np.ndarray:
-    """[P*P, L] like `fold_index`, but each subsequence lists its real tokens first (same frame-major
-    order) and its padding last, and L is the longest real length (not the padded grid's): the
-    layout the hidden state is carried in between sparse blocks. At 720P (H = 45, P = 2) it carries
-    2.2% padding instead of the padded grid's 6.7%; at 480P token-wise none.
-
-    With padding at the end, attention needs no mask: subsequences of equal real length run as one
-    dense batch on views (`real_length_classes`), and padded slots are never sent between ranks.
-    """
+def subsequence_tokens(grid: tuple[int, int, int], p: int, pattern: str) -> tuple[np.ndarray, ...]:
+    """The real tokens of each of the P*P subsequences (in the fold's order), frame-major: what the
+    packed layouts carry. No padded slot exists there at all: at 720P (H = 45, P = 2) the padded
+    grid would add 6.7% rows, and every linear of a sparse run would work on them."""
     with _disable_current_modes():
-        idx = _fold_index(grid, p, pattern)
-        real_first = torch.argsort((idx < 0).to(torch.int8), dim=1, stable=True)
-        ordered = torch.gather(idx, 1, real_first)
-        longest = int((ordered >= 0).sum(dim=1).max())
-        return ordered[:, :longest].numpy()  # no slot beyond the longest real subsequence
+        idx = _fold_index(grid, p, pattern).numpy()
+        return tuple(row[row >= 0] for row in idx)
 
 
 @lru_cache(maxsize=None)
 def real_length_classes(grid: tuple[int, int, int], p: int, pattern: str, first: int, count: int) -> tuple:
-    """Runs of consecutive subsequences [first, first+count) with equal real length: (start, stop, n)."""
-    lengths = (layout_index(grid, p, pattern)[first:first + count] >= 0).sum(axis=1).tolist()
-    runs, start = [], 0
+    """Runs of consecutive subsequences [first, first+count) with equal real length, as
+    (token offset of the run, number of subsequences, length): each run is one dense attention
+    batch on a view of the packed tokens."""
+    lengths = [len(t) for t in subsequence_tokens(grid, p, pattern)[first:first + count]]
+    runs, start, offset = [], 0, 0
     for i in range(1, count + 1):
         if i == count or lengths[i] != lengths[start]:
-            runs.append((start, i, lengths[start]))
+            runs.append((offset, i - start, lengths[start]))
+            offset += (i - start) * lengths[start]
             start = i
     return tuple(runs)
+
+
+def packed_attention_pairs(grid: tuple[int, int, int], p: int, pattern: str) -> int:
+    """(query, key) pairs one sample's packed attention computes: sum of squared real lengths."""
+    return sum(len(t) ** 2 for t in subsequence_tokens(grid, p, pattern))
 
 
 def key_padding_mask(grid: Sequence[IntLike], p: int, pattern: str, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -170,12 +175,10 @@ def key_padding_mask(grid: Sequence[IntLike], p: int, pattern: str, batch: int, 
 
 
 def relayout_local(x: torch.Tensor, dim: int, grid: Sequence[int], p: int, src: str, dst: str) -> torch.Tensor:
-    """Change the layout of a token tensor on one process: one row gather (fold, unfold or switch)."""
-    from .token_layouts import batch_multiplier, gather_rows, local_gather
+    """Change the layout of a token tensor on one process: one gather along the token dim."""
+    from .token_layouts import gather_rows, local_gather
 
     if src == dst or {src, dst} <= {"full", "natural"}:
         return x
     grid = tuple(int(g) for g in grid)
-    batch = x.shape[0] // batch_multiplier(src, p, 1)
-    idx = local_gather(src, dst, grid, p, 1, 0, batch)
-    return gather_rows(x, dim, idx, ("local", src, dst, grid, p, batch), batch * batch_multiplier(dst, p, 1))
+    return gather_rows(x, dim, lambda lead: local_gather(src, dst, grid, p, 1, 0, lead), ("local", src, dst, grid, p))

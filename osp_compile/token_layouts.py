@@ -1,25 +1,30 @@
 """Token layouts of the hidden state and the routing between them, on one rank or S ranks.
 
-A token tensor has its batch on dim 0 and the T*H*W video tokens on one dim. Its *layout* says
-which tokens a rank holds, in which order:
+A token tensor has the T*H*W video tokens on one dim (any other dims, the batch included, ride
+along untouched). Its *layout* says which tokens a rank holds along that dim, in which order:
 
 - ``full``    every token, natural (frame-major) order, on every rank (replicated);
 - ``natural`` natural order, rank r holds tokens [r*N/S, (r+1)*N/S) (Ulysses' sequence shards);
-- ``token`` / ``group``  Skiparse-folded: the P*P subsequences of the padded grid in the batch
-  (order (p, q, b)), rank r holding subsequences [r*P*P/S, (r+1)*P*P/S) (SSP).
-With S = 1, ``natural`` is ``full``. Every change of layout is a routing of rows (one row = one
-token of one sample); it is computed here once from the two index maps, never from data. Padded
-slots (id -1) are never sent: receivers fill them with zeros, so a switch moves real tokens only.
+- ``token`` / ``group``  Skiparse-*packed*: the real tokens of the P*P subsequences, subsequence
+  after subsequence (`skiparse_layout.subsequence_tokens`), rank r holding subsequences
+  [r*P*P/S, (r+1)*P*P/S) (SSP).
+With S = 1, ``natural`` is ``full``. A layout is a permutation (and, over S ranks, a split) of the
+token dim and nothing else: no padding, no batch folding. So per-sample tensors (text, modulation)
+broadcast as they are, linears never work on padded rows, and a subsequence is a contiguous run of
+rows that attention reads as a view. Ranks of a packed layout may hold different token counts
+(subsequences of a ragged grid differ in length). Every change of layout is a routing of rows (one
+row = one token of one leading index), computed here once from the two index maps, never from data.
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .errors import OSPConfigError
-from .skiparse_layout import layout_index
+from .skiparse_layout import subsequence_tokens
 
 LAYOUTS = ("full", "natural", "token", "group")
 FOLDED = ("token", "group")
@@ -47,131 +52,111 @@ def check_world(grid: tuple[int, int, int], p: int, world: int, heads: int | Non
         )
 
 
-def local_tokens(layout: str, grid: tuple[int, int, int], p: int, world: int) -> int:
-    """Tokens on one rank per batch row of the layout."""
-    t, h, w = grid
+def owned_subsequences(p: int, world: int, rank: int) -> range:
+    """The subsequences rank `rank` holds in a packed layout over `world` ranks (SSP)."""
+    per = p * p // world
+    return range(rank * per, (rank + 1) * per)
+
+
+@lru_cache(maxsize=None)
+def local_token_ids(layout: str, grid: tuple[int, int, int], p: int, world: int, rank: int) -> np.ndarray:
+    """The tokens (natural index) a rank holds, in local order along the token dim."""
+    n = grid[0] * grid[1] * grid[2]
     if layout == "full":
-        return t * h * w
+        return np.arange(n)
     if layout == "natural":
-        return t * h * w // world
-    return layout_index(grid, p, layout).shape[1]
+        chunk = n // world
+        return np.arange(rank * chunk, (rank + 1) * chunk)
+    subs = subsequence_tokens(grid, p, layout)
+    return np.concatenate([subs[s] for s in owned_subsequences(p, world, rank)])
 
 
-def batch_multiplier(layout: str, p: int, world: int) -> int:
-    """How many batch rows a rank holds per sample (the folded subsequences it owns)."""
-    return p * p // world if layout in FOLDED else 1
+def local_tokens(layout: str, grid: tuple[int, int, int], p: int, world: int, rank: int) -> int:
+    """How many tokens a rank holds along the token dim."""
+    return len(local_token_ids(layout, grid, p, world, rank))
 
 
 @lru_cache(maxsize=None)
 def slot_ids(layout: str, grid: tuple[int, int, int], p: int, world: int, rank: int, batch: int) -> np.ndarray:
-    """Global row id (b * N + token) of every local row, -1 for padding; rows in local memory order."""
-    t, h, w = grid
-    n = t * h * w
-    if layout == "full":
-        tok = np.arange(n)[None, :].repeat(batch, 0)
-        return (np.arange(batch)[:, None] * n + tok).reshape(-1)
-    if layout == "natural":
-        chunk = n // world
-        tok = np.arange(rank * chunk, (rank + 1) * chunk)[None, :].repeat(batch, 0)
-        return (np.arange(batch)[:, None] * n + tok).reshape(-1)
-    idx = layout_index(grid, p, layout)  # [P*P, L], real tokens first
-    per = p * p // world
-    mine = idx[rank * per:(rank + 1) * per]  # [per, L]
-    ids = mine[:, None, :] + (np.arange(batch)[None, :, None] * n)  # [per, B, L]
-    ids = np.where(mine[:, None, :] >= 0, ids, -1)
-    return ids.reshape(-1)
+    """Global row id (b * N + token) of every local row, rows in local memory order (b-major)."""
+    n = grid[0] * grid[1] * grid[2]
+    tok = local_token_ids(layout, grid, p, world, rank)
+    return (np.arange(batch)[:, None] * n + tok[None, :]).reshape(-1)
 
 
 @lru_cache(maxsize=None)
 def routing(src: str, dst: str, grid: tuple[int, int, int], p: int, world: int, rank: int, batch: int):
     """All-to-all routing from `src` to `dst` on `rank`: rows to send (grouped by destination),
-    split sizes, and for every destination row its index into [received rows, one zero row]."""
-    src_ids = [slot_ids(src, grid, p, world, r, batch) for r in range(world)]
-    owner_rank, owner_row = {}, {}
-    for r, ids in enumerate(src_ids):
-        for i, g in enumerate(ids):
-            if g >= 0:
-                owner_rank[g], owner_row[g] = r, i
+    split sizes, and for every destination row its index into the received rows."""
+    total = batch * grid[0] * grid[1] * grid[2]
+    owner_rank = np.empty(total, dtype=np.int64)
+    owner_row = np.empty(total, dtype=np.int64)
+    for r in range(world):
+        ids = slot_ids(src, grid, p, world, r, batch)
+        owner_rank[ids], owner_row[ids] = r, np.arange(len(ids))
     send_rows, send_counts = [], []
     for q in range(world):
         need = slot_ids(dst, grid, p, world, q, batch)
-        rows = [owner_row[g] for g in need if g >= 0 and owner_rank[g] == rank]
-        send_rows.extend(rows)
+        rows = owner_row[need[owner_rank[need] == rank]]
+        send_rows.append(rows)
         send_counts.append(len(rows))
     need = slot_ids(dst, grid, p, world, rank, batch)
-    recv_counts = [0] * world
-    positions: list[list[int]] = [[] for _ in range(world)]
-    for j, g in enumerate(need):
-        if g >= 0:
-            positions[owner_rank[g]].append(j)
-            recv_counts[owner_rank[g]] += 1
-    total = sum(recv_counts)
-    gather = np.full(len(need), total, dtype=np.int64)
-    offset = 0
-    for r in range(world):
-        gather[positions[r]] = np.arange(offset, offset + recv_counts[r])
-        offset += recv_counts[r]
-    return np.asarray(send_rows, dtype=np.int64), send_counts, recv_counts, replicate_padding(gather, need, dst, local_tokens(dst, grid, p, world))
+    src_of = owner_rank[need]
+    recv_counts = np.bincount(src_of, minlength=world).tolist()
+    # received rows arrive grouped by source rank, each group in the order of `need`
+    order = np.argsort(src_of, kind="stable")
+    place = np.empty(len(need), dtype=np.int64)
+    place[order] = np.arange(len(need))
+    return np.concatenate(send_rows).astype(np.int64), send_counts, recv_counts, place
 
 
 @lru_cache(maxsize=None)
 def local_gather(src: str, dst: str, grid: tuple[int, int, int], p: int, world: int, rank: int, batch: int) -> np.ndarray:
     """Rows of a whole (or, on one process, any) source layout that make the local `dst` rows."""
     src_ids = slot_ids(src, grid, p, world, rank, batch)  # "full" is the whole sequence on every rank
-    where = {g: i for i, g in enumerate(src_ids) if g >= 0}
-    need = slot_ids(dst, grid, p, world, rank, batch)
-    index = np.asarray([where[g] if g >= 0 else len(src_ids) for g in need], dtype=np.int64)
-    return replicate_padding(index, need, dst, local_tokens(dst, grid, p, world))
+    where = np.empty(batch * grid[0] * grid[1] * grid[2], dtype=np.int64)
+    where[src_ids] = np.arange(len(src_ids))
+    return where[slot_ids(dst, grid, p, world, rank, batch)]
 
 
-def replicate_padding(index: np.ndarray, ids: np.ndarray, layout: str, length: int) -> np.ndarray:
-    """Padded slots of a folded layout copy the first real token of their own subsequence.
-
-    Every per-token op then maps a padded row to exactly the output of that real row (attention
-    too: same subsequence, same keys, same RoPE position), so padding never changes a max-type
-    statistic such as the per-tensor scale of a HiF8 linear, and never holds NaN or garbage.
-    Slots run (subsequence, sample, position) with real tokens first, so the first real one of a
-    (subsequence, sample) row is its position 0.
-    """
-    if layout not in FOLDED:
-        return index
-    rows = index.reshape(-1, length).copy()
-    pad = ids.reshape(-1, length) < 0
-    rows[pad] = np.broadcast_to(rows[:, :1], rows.shape)[pad]
-    return rows.reshape(-1)
+def shard_rows(src: str, grid: tuple[int, int, int], p: int, world: int, batch: int) -> int:
+    """Rows every rank contributes to the final all-gather: the largest shard (smaller ones pad)."""
+    return max(len(slot_ids(src, grid, p, world, r, batch)) for r in range(world))
 
 
 @lru_cache(maxsize=None)
 def gather_order(src: str, grid: tuple[int, int, int], p: int, world: int, batch: int) -> np.ndarray:
-    """For every row of the full natural layout, its position in the concatenated shards of `src`."""
-    shards = np.concatenate([slot_ids(src, grid, p, world, r, batch) for r in range(world)])
+    """For every row of the full natural layout, its position in the all-gathered shards of `src`
+    (each shard padded at its end to `shard_rows`)."""
+    rows = shard_rows(src, grid, p, world, batch)
     where = np.empty(batch * grid[0] * grid[1] * grid[2], dtype=np.int64)
-    valid = shards >= 0
-    where[shards[valid]] = np.nonzero(valid)[0]
+    for r in range(world):
+        ids = slot_ids(src, grid, p, world, r, batch)
+        where[ids] = r * rows + np.arange(len(ids))
     return where
 
 
-def token_rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, tuple]:
-    """[B0, ..., N, ...] (tokens at `dim`) -> rows [B0 * N, R] in (batch, token) order, and R's shape."""
-    moved = x.movedim(dim, 1)
-    return moved.reshape(moved.shape[0] * moved.shape[1], -1), tuple(moved.shape[2:])
+def token_rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, tuple]:
+    """A token tensor as rows [lead * N, R] in (lead, token) order: `lead` is the size of dim 0 (1
+    when the tokens are on dim 0 themselves), R the dims after the token dim, flattened."""
+    dim = dim % x.dim()
+    moved = x.unsqueeze(0) if dim == 0 else x.movedim(dim, 1)
+    return moved.reshape(moved.shape[0] * moved.shape[1], -1), moved.shape[0], tuple(moved.shape[2:])
 
 
-def from_rows(rows: torch.Tensor, dim: int, batch_rows: int, rest: tuple, ndim: int) -> torch.Tensor:
-    return rows.reshape(batch_rows, -1, *rest).movedim(1, dim % ndim)
+def from_rows(rows: torch.Tensor, dim: int, lead: int, rest: tuple, ndim: int) -> torch.Tensor:
+    """Inverse of `token_rows` (the token count may differ: a layout change between ranks)."""
+    dim = dim % ndim
+    if dim == 0:
+        return rows.reshape(-1, *rest)
+    return rows.reshape(lead, -1, *rest).movedim(1, dim)
 
 
-def with_zero_row(rows: torch.Tensor) -> torch.Tensor:
-    """Rows plus one zero row at the end: what a slot with no source reads (never a folded pad,
-    which copies a real token; see `replicate_padding`)."""
-    return torch.cat([rows, rows.new_zeros(1, rows.shape[1])], dim=0)
-
-
-def gather_rows(x: torch.Tensor, dim: int, index: np.ndarray, key: tuple, out_batch: int) -> torch.Tensor:
-    """The rows of `x` (plus a zero row) picked by `index`, shaped back with `out_batch` batch rows."""
-    rows, rest = token_rows(x, dim)
-    out = with_zero_row(rows).index_select(0, as_index(index, x.device, key))
-    return from_rows(out, dim, out_batch, rest, x.dim())
+def gather_rows(x: torch.Tensor, dim: int, index_of: Callable[[int], np.ndarray], key: tuple) -> torch.Tensor:
+    """One gather along the token dim: the rows `index_of(lead)` picks, shaped back."""
+    rows, lead, rest = token_rows(x, dim)
+    out = rows.index_select(0, as_index(index_of(lead), x.device, key + (lead,)))
+    return from_rows(out, dim, lead, rest, x.dim())
 
 
 _DEVICE_CACHE: dict[tuple, torch.Tensor] = {}

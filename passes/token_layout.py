@@ -3,16 +3,18 @@
 The Skiparse pass rearranges q, k, v and the output at every sparse site (four permutations).
 Here the rearrangement moves onto the hidden state instead: every token tensor of the graph gets a
 *layout* (`osp_compile.token_layouts`) and runs in it, so per-token work (norms, linears,
-modulation, FFN, cross-attention) happens in the folded layout, and the layout changes only where
-the model moves from one attention site's block to the next.
+modulation, FFN, cross-attention) happens in the packed layout, and the layout changes only where
+the model moves from one attention site's block to the next. A packed layout is a permutation of
+the token dim (real tokens only, subsequence after subsequence): per-sample tensors broadcast as
+they are, and no padded row ever reaches a linear.
 
 Where the change happens is read from the graph: the *anchor* of a site is the residual-stream
 tensor entering its block - found by walking up the dominator tree of the site's q, k, v (over
 token tensors only) until a node also feeds something else (the residual add). Every token node
 then takes the layout of the latest anchor above it, so each anchor's output is converted once,
 shared by all its consumers: exactly one relayout per block boundary. An op that cannot run in a
-folded layout (it mixes tokens, slices the batch, reads a size, has symbolic shape arguments)
-is *blocking*: it gets the natural layout, and the report names it.
+permuted layout (it mixes or slices tokens, indexes them with a tensor, reads a size, has symbolic
+shape arguments) is *blocking*: it gets the natural layout, and the report names it.
 
 With a process group of S ranks (`OSPConfig(sequence_parallel="ssp" | "ulysses")`), the layouts
 are sharded: ``ssp`` runs sparse sites on whole subsequences held locally (their switch is one
@@ -31,7 +33,8 @@ import torch.fx as fx
 
 from osp_compile.ops import folded_attention, skiparse_relayout
 from osp_compile.report import PassReport
-from osp_compile.token_layouts import FOLDED, batch_multiplier, check_world, local_tokens
+from osp_compile.skiparse_layout import packed_attention_pairs
+from osp_compile.token_layouts import FOLDED, check_world, local_tokens
 from .analysis import _ELEMENTWISE, _LINEAR, _NORMS, _PERMUTES, _REDUCTIONS, _SPLITS, TokenAxis, _kind_of
 from .fx_utils import call_args, hint, is_sdpa, meta_value, normalize_dim, sdpa_args, shape_of
 
@@ -192,8 +195,6 @@ class _Rewriter:
         """Why `n` cannot run in a folded or sharded layout, or None if it can."""
         kind = _kind_of(n, self.gm)
         d = self.dim[n]
-        if d == 0:
-            return "tokens on dim 0 (no batch dim to fold into)"
         for w in self.writes.get(n, []):
             if not self._safe_write(w):
                 return f"written in place by '{w.name}' across the batch or token dims"
@@ -205,6 +206,9 @@ class _Rewriter:
                 return f"its size or value is read by '{u.name}'"
         if n in self.site_nodes or is_sdpa(n):
             return None
+        shape = self.shape[n]
+        if shape is not None and hint(shape[d]) != self.tokens_total:
+            return f"its token dim ({d}) holds {hint(shape[d])} rows, not the {self.tokens_total} tokens alone"
         if kind in _SIZED:
             sizes = self._sizes(n)
             if sizes is None or len(sizes) != len(self.shape[n]) or not all(isinstance(v, int) for v in sizes):
@@ -212,37 +216,30 @@ class _Rewriter:
             return None
         if kind in ("squeeze", "unsqueeze", "flatten", "unflatten"):
             a = call_args(n, ["input", "dim"])
-            if kind == "squeeze" and (a.get("dim") is None or normalize_dim(a["dim"], len(shape_of(n.args[0]))) == 0):
-                return "squeeze that may drop the batch dim"
-            if kind == "unflatten" and normalize_dim(a["dim"], len(shape_of(n.args[0]))) in (0, self.dim.get(n.args[0])):
-                return "unflatten of the batch or token dim"
+            if kind == "unflatten" and normalize_dim(a["dim"], len(shape_of(n.args[0]))) == self.dim.get(n.args[0]):
+                return "unflatten of the token dim"
             return None
-        if kind in _PERMUTES:
-            ax0 = self._moves_batch(n, kind)
-            return "moves the batch dim" if ax0 else None
+        if kind in _PERMUTES or kind in _REDUCTIONS:
+            return None  # a layout permutes the token dim only: other dims move and reduce freely
         if kind in _SPLITS or kind in ("cat", "concat", "stack"):
             if kind in ("cat", "concat", "stack"):
                 a = call_args(n, ["tensors", "dim"], {"dim": 0})
                 rank = len(shape_of(a["tensors"][0])) + (kind == "stack")
+                src_dim = self.dim.get(a["tensors"][0])
             else:
                 a = call_args(n, ["input", "dim"] if kind == "unbind" else ["input", "split_size_or_sections", "dim"], {"dim": 0})
                 rank = len(shape_of(n.args[0]))
-            return f"{kind} along the batch dim" if normalize_dim(a["dim"], rank) == 0 else None
+                src_dim = self.dim.get(n.args[0])
+            return f"{kind} along the token dim" if normalize_dim(a["dim"], rank) == src_dim else None
         if kind == "getitem":
             idx = n.args[1]
-            if isinstance(idx, int) and isinstance(meta_value(n.args[0]), (tuple, list)):
-                return None
-            first = idx[0] if isinstance(idx, tuple) and idx else idx
-            ok = first is Ellipsis or (isinstance(first, slice) and first == slice(None))
-            return None if ok else "indexes the batch dim"
-        if kind in _REDUCTIONS:
-            dims = call_args(n, ["input", "dim"]).get("dim")
-            dims = dims if isinstance(dims, (list, tuple)) else [dims]
-            n_in = len(shape_of(n.args[0]))
-            return None if dims[0] is not None and 0 not in [normalize_dim(x, n_in) for x in dims] else f"{kind} over the batch"
+            items = list(idx) if isinstance(idx, (tuple, list)) else [idx]
+            if any(isinstance(i, fx.Node) for i in items):
+                return "indexes with a tensor (may pick or reorder tokens)"
+            return None  # basic indexing that keeps all N tokens (checked above) keeps their order
         if kind in _ELEMENTWISE or kind in _LINEAR or kind in _NORMS:
             return None
-        return f"'{kind}' is not known to run per token in a folded layout"
+        return f"'{kind}' is not known to run per token in a packed layout"
 
     def _sizes(self, n: fx.Node):
         args = list(n.args[1:])
@@ -251,16 +248,6 @@ class _Rewriter:
         if "size" in n.kwargs:
             return list(n.kwargs["size"])
         return args
-
-    def _moves_batch(self, n, kind) -> bool:
-        if kind == "permute":
-            dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
-            return normalize_dim(int(dims[0]), len(dims)) != 0
-        if kind in ("transpose", "swapaxes", "swapdims"):
-            a = call_args(n, ["input", "dim0", "dim1"])
-            rank = len(shape_of(n.args[0]))
-            return 0 in (normalize_dim(a["dim0"], rank), normalize_dim(a["dim1"], rank))
-        return kind == "t"
 
     # -- rewriting -------------------------------------------------------------------------------
     def in_layout(self, m: fx.Node, label: str, site: int | None = None) -> fx.Node:
@@ -308,11 +295,10 @@ class _Rewriter:
                 self._replace_site(n, site_of[n], label)
 
     def _adapt_operands(self, n: fx.Node, label: str) -> None:
-        """Per-sample operands repeat along the folded batch; positional tables take the layout too."""
+        """Positional tables (e.g. RoPE) take the layout too; per-sample operands (text, modulation)
+        broadcast as they are, since a layout only permutes the token dim."""
         out_shape = self.shape[n]
         d = self.dim[n]
-        exact_batch = is_sdpa(n) or _kind_of(n, self.gm) in ("matmul",)
-        mult = batch_multiplier(label, self.p, self.sp.world)
         for a in list(n.all_input_nodes):
             if a in self.dim or not isinstance(meta_value(a), torch.Tensor):
                 continue
@@ -320,40 +306,25 @@ class _Rewriter:
                 continue
             shape = shape_of(a)
             off = len(out_shape) - len(shape)
-            if off < 0:
-                continue
             jd = d - off
-            if jd >= 0 and shape[jd] == self.tokens_total:  # a positional table (e.g. RoPE): same layout
-                n.replace_input_with(a, self._positional(a, shape, off, jd, out_shape[0], label))
-            elif off == 0 and mult > 1 and (shape[0] != 1 or exact_batch):
-                with self.g.inserting_before(n):
-                    rep = self.g.call_method("repeat", (a, mult, *([1] * (len(shape) - 1))))
-                n.replace_input_with(a, rep)
+            if off >= 0 and jd >= 0 and shape[jd] == self.tokens_total:
+                n.replace_input_with(a, self._positional(a, shape, off, jd, label))
 
-    def _positional(self, a, shape, off, jd, batch, label):
+    def _positional(self, a, shape, off, jd, label):
         key = (a, label, off)
         if key not in self.converted:
             with self.g.inserting_after(a):
                 view = self.g.call_method("reshape", (a, (*([1] * off), *shape)))
             with self.g.inserting_after(view):
-                moved = self._relayout_node(view, jd + off, "full", label)
-            out = moved
-            lead = shape[0] if off == 0 else 1
-            if label in FOLDED and lead != batch:
-                with self.g.inserting_after(moved):
-                    out = self.g.call_method("repeat_interleave", (moved, batch // lead), {"dim": 0})
-            self.converted[key] = out
+                self.converted[key] = self._relayout_node(view, jd + off, "full", label)
         return self.converted[key]
 
     def _rewrite_sizes(self, n: fx.Node, label: str) -> None:
         sizes = self._sizes(n)
         d = self.dim[n]
-        mult = batch_multiplier(label, self.p, self.sp.world)
         new = list(sizes)
-        if new[0] != -1:
-            new[0] = new[0] * mult
         if new[d] != -1:
-            new[d] = local_tokens(label, self.grid, self.p, self.sp.world)
+            new[d] = local_tokens(label, self.grid, self.p, self.sp.world, self.sp.rank)
         n.args = (n.args[0], tuple(new))
         n.kwargs = {k: v for k, v in n.kwargs.items() if k != "size"}
 
@@ -365,6 +336,10 @@ class _Rewriter:
         with self.g.inserting_before(n):
             if label in FOLDED:
                 new = self.g.call_function(folded_attention, (q, k, v, t, h, w, self.p, label, self.sp.rank, self.sp.world), kw)
+                row = self.ctx.report.sites.get(site.key)
+                if row is not None:  # packed: real tokens only, so fewer FLOPs than the padded fold
+                    row.flops_after = 4 * site.heads * site.head_dim * site.batch * packed_attention_pairs(self.grid, self.p, label)
+                    row.decision += "; packed layout (real tokens only)"
             else:
                 from osp_compile.distributed import ulysses_attention
 
