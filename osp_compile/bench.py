@@ -3,7 +3,8 @@
 One step = one forward of the transformer (bf16, random weights) at a named resolution, 81 frames.
 Variants: dense eager; dense under torch.compile (Inductor) - the fair baseline; OSP via
 `convert()` (Dynamo graph, eager kernels); OSP via ``torch.compile(backend="osp")`` (Inductor);
-OSP + ``quant="hif8-infer"`` (when its kernels exist for the device). Medians over repeated runs
+OSP + ``quant="hif8-infer"`` (when its kernels exist for the device; ``osp-hif8-fast`` with
+``fp8_fast_accum=True``). Medians over repeated runs
 after warm-up (CUDA events), peak memory, compile time; a profiler breakdown of the OSP step
 (attention, GEMMs, layout changes, the rest) and its top kernels say where the time goes.
 
@@ -25,7 +26,7 @@ from typing import Callable
 
 import torch
 
-VARIANTS = ("dense-eager", "dense-inductor", "osp-convert", "osp-backend", "osp-hif8", "osp-no-relayout")
+VARIANTS = ("dense-eager", "dense-inductor", "osp-convert", "osp-backend", "osp-hif8", "osp-hif8-fast", "osp-no-relayout")
 ABLATIONS = {"osp-no-relayout": "ablation: relayouts replaced by identity (output invalid, timing only)"}
 
 
@@ -110,7 +111,7 @@ def relayouts_as_identity():
         ops.relayout_local = real
 
 
-def profile_breakdown(fn: Callable, device: str, top: int = 12) -> dict:
+def profile_breakdown(fn: Callable, device: str, top: int = 40) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -165,8 +166,9 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         if variant in ("osp-backend", "osp-no-relayout"):
             opts = {"sparse_ratio": sparse_ratio, "layout": "dual_end", "num_full_blocks": full}
             return torch.compile(model, backend=osp_backend, options=opts, dynamic=False)
-        if variant == "osp-hif8":
-            opts = {"sparse_ratio": sparse_ratio, "layout": "dual_end", "num_full_blocks": full, "quant": "hif8-infer"}
+        if variant in ("osp-hif8", "osp-hif8-fast"):
+            opts = {"sparse_ratio": sparse_ratio, "layout": "dual_end", "num_full_blocks": full, "quant": "hif8-infer",
+                    "fp8_fast_accum": variant == "osp-hif8-fast"}
             return torch.compile(model, backend=osp_backend, options=opts, dynamic=False)
         raise ValueError(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
 

@@ -223,6 +223,8 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
             replaced[node] = _replace(g, node, torch.ops.osp.hif8_qat_linear.default, (x, weight, call["bias"], *extra))
     if infer:
         _declare_to_aot(gm, store)
+        for node in gm.graph.find_nodes(op="call_function", target=torch.ops.osp.hif8_linear.default):
+            node.meta[inference.FAST_ACCUM_KEY] = ctx.config.fp8_fast_accum  # read by lowering's CUDA kernel choice
     gm.recompile()
     done = sum(r["decision"].startswith("quantized") for r in rows)
     excluded = sum(r["decision"].startswith("excluded") for r in rows)

@@ -3,8 +3,9 @@
     torchrun --nproc-per-node 4 scripts/sp_bench.py --preset wan-1.3b --resolution 480p --modes ssp,ulysses
     torchrun --nproc-per-node 8 scripts/sp_bench.py --preset wan-14b --resolution 720p --sp-size 4   # 4-way SP x 2-way DP
 
---check first runs the tiny model in float32 and compares every rank's SP output with the
-single-process converted module (the NCCL equality check). Then, per mode, one denoising step
+--check first runs the tiny model in float32 and compares every rank's SP output and parameter
+gradients with the single-process converted module, plain and with HiF8 QAT (the NCCL equality
+check). Then, per mode, one denoising step
 (forward, bf16, random weights) is timed: median over iterations after warm-up, CUDA events, with
 the bytes each rank sends per step read from the report. With --sp-size S < world size, ranks form
 world/S data-parallel replicas, each running its own sample over its own S-rank SP group.
@@ -53,20 +54,33 @@ def sp_group(world: int, rank: int, size: int):
     return mine
 
 
-def check(device: str, group) -> float:
+def check(device: str, group) -> dict:
+    """Max rel. error of the SP module against the single-process one (tiny model, float32): outputs
+    for SSP and Ulysses; for HiF8 QAT + SSP also every parameter gradient (global scales)."""
     from osp_compile import OSPConfig, convert
     from osp_compile.oracle import rel_err
     from reference_model import PRESETS, build_model, make_inputs
 
     model = build_model("tiny", num_layers=4, seed=1, device=device)
     args, kwargs = make_inputs(PRESETS["tiny"], seed=2, device=device)
-    ref = convert(model, args, kwargs, OSPConfig(num_full_blocks=2))(*args, **kwargs)
-    worst = 0.0
-    for mode in ("ssp", "ulysses"):
+    errs = {}
+    for quant in (None, "hif8"):
+        base = OSPConfig(num_full_blocks=2, quant=quant)
         torch._dynamo.reset()
-        out = convert(model, args, kwargs, OSPConfig(num_full_blocks=2, sequence_parallel=mode, sp_group=group))(*args, **kwargs)
-        worst = max(worst, rel_err(out, ref))
-    return worst
+        model.zero_grad()
+        ref_mod = convert(model, args, kwargs, base)
+        ref = ref_mod(*args, **kwargs)
+        ref.square().mean().backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        for mode in ("ssp", "ulysses"):
+            torch._dynamo.reset()
+            model.zero_grad()
+            out = convert(model, args, kwargs, base.replace(sequence_parallel=mode, sp_group=group))(*args, **kwargs)
+            out.square().mean().backward()
+            key = f"{quant or 'float32'} {mode}"
+            errs[key + " output"] = rel_err(out, ref)
+            errs[key + " grads"] = max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads)
+    return errs
 
 
 def main() -> None:
@@ -83,10 +97,10 @@ def main() -> None:
               "torch": torch.__version__, "rows": []}
     if a.check:
         torch.backends.cudnn.allow_tf32 = False
-        err = check(device, group)
         errs = [None] * world
-        dist.all_gather_object(errs, err)
-        result["check_max_rel_err"] = max(errs)
+        dist.all_gather_object(errs, check(device, group))
+        result["check"] = {k: max(e[k] for e in errs) for k in errs[0]}
+        result["check_max_rel_err"] = max(result["check"].values())
 
     from osp_compile.backend import osp_backend
     from osp_compile.bench import build, full_blocks_for, step_timer
@@ -139,6 +153,8 @@ def main() -> None:
         print(f"{a.preset} {a.resolution}, {layers} blocks ({a.layout}, {full} full), P={a.sparse_ratio}, world {world} = "
               f"{world // size} DP x {size} SP, torch {torch.__version__}"
               + (f", {dist.get_backend()} equality check max rel err {result['check_max_rel_err']:.2e}" if a.check else ""))
+        for k, v in result.get("check", {}).items():
+            print(f"  check {k}: max rel err over ranks {v:.2e}")
         print(f"{'mode':8} {'median ms':>10} {'x vs Ulysses':>13} {'MB sent/rank':>13}  collectives")
         for r in result["rows"]:
             print(f"{r['mode']:8} {r['median_ms']:>10} {str(r['x_vs_ulysses']):>13} {r['MB_sent_per_rank']:>13}  {r['collectives']}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from osp_compile import OSPConfig, convert
-from osp_compile.backend import report_for, state_for
+from osp_compile.backend import osp_backend, report_for, state_for
 from osp_compile.hif8 import fp8, hif8_state_dict, inference, load_hif8_state_dict, triton_kernels
 from osp_compile.hif8.qat import hif8_qat_linear
 from osp_compile.lowering import hif8_kernels
@@ -319,6 +319,27 @@ def test_cuda_kernels_match_reference(dtype):
     assert torch.equal(got.float().cpu(), ref.float()) and torch.equal(got_dq.cpu(), ref_dq)
 
 
+def _exact_cuda_kernel_name() -> str:
+    return next(k.name for k in kernels_for("hif8_linear", "cuda") if "fast" not in k.name)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fast_accumulation_kernel_only_when_asked(fast, monkeypatch):
+    """Planned for a CUDA target on this host (Triton taken as available): the config alone picks
+    the FP8 kernel's accumulation."""
+    from osp_compile.convert import plan
+
+    monkeypatch.setattr(triton_kernels, "triton_available", lambda device="cuda": True)
+    model = build_model("tiny", num_layers=1, seed=14)
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=15)
+    report = plan(model, args, kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cuda", fp8_fast_accum=fast))
+    kernels = {r["kernel"] for g in report.graphs for p in g.passes if p.name == "lowering" for r in p.rows
+               if r["op"] == "osp::hif8_linear"}
+    assert kernels == ({"HiF8 FP8 tensor cores (_scaled_mm, fast accumulation)"} if fast else {_exact_cuda_kernel_name()})
+    with pytest.raises(Exception, match="fp8_fast_accum=True applies to quant='hif8-infer'"):
+        OSPConfig(quant="hif8", fp8_fast_accum=True)
+
+
 @needs_cuda
 @pytest.mark.parametrize("inner", ["convert", "inductor"])
 def test_cuda_model_lowers_to_the_cuda_kernel(inner, monkeypatch):
@@ -341,11 +362,11 @@ def test_cuda_model_lowers_to_the_cuda_kernel(inner, monkeypatch):
     else:
         options = {"num_full_blocks": 0, "quant": "hif8-infer", "inner": "inductor"}
         with torch.no_grad():
-            out = torch.compile(model, backend="osp", options=options)(*args, **kwargs)
+            out = torch.compile(model, backend=osp_backend, options=options)(*args, **kwargs)  # no entry point needed
         report = report_for(options)
     kernels = {r["kernel"] for g in report.graphs for p in g.passes if p.name == "lowering" for r in p.rows
                if r["op"] == "osp::hif8_linear"}
-    assert kernels == {kernels_for("hif8_linear", "cuda")[0].name}
+    assert kernels == {_exact_cuda_kernel_name()}
     # GPU vs CPU float32: summation orders differ, which may flip a HiF8 rounding (one step, one element)
     assert rel_err(out.detach().cpu(), want) <= 2e-3
 

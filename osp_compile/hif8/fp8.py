@@ -113,8 +113,11 @@ def cached_e4m3_weight(codes: torch.Tensor, scale: torch.Tensor) -> E4M3Weight:
     return hit[1]
 
 
+@functools.lru_cache(maxsize=None)
 def act_shift(scale_max: float = X_SCALE_MAX) -> int:
-    """Largest k with ``HiF8(scale_max) * 2^k <= 448``: the largest activation lands in range."""
+    """Largest k with ``HiF8(scale_max) * 2^k <= 448``: the largest activation lands in range.
+    Cached: it runs the torch codec on the CPU, which would otherwise stall every FP8 linear call
+    for about a millisecond while the GPU waits."""
     top = float(codec.quantize(torch.tensor([scale_max], dtype=torch.float32)))
     return math.floor(math.log2(E4M3_MAX / top))
 

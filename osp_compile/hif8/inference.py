@@ -34,6 +34,8 @@ from .qat import W_SCALE_MAX, X_SCALE_MAX
 STATE_KEY = "hif8"
 """Key of the weight store in a session's ``ctx.state`` / ``OSPModule.osp_state``."""
 SCALE_SUFFIX = "_scale"
+FAST_ACCUM_KEY = "osp_fp8_fast_accum"
+"""Node meta set by the HiF8 pass from ``OSPConfig.fp8_fast_accum``; lowering's CUDA choice reads it."""
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

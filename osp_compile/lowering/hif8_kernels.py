@@ -25,6 +25,8 @@ activation by the group's absmax (``hif8/group.py``: one all-reduce MAX of a 0-d
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from osp_compile.hif8 import api, fp8, inference, triton_gemm, triton_kernels
@@ -35,11 +37,11 @@ from .registry import register_kernel
 
 
 def hif8_linear_cuda_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                          scale: torch.Tensor, group: str = "") -> torch.Tensor:
+                          scale: torch.Tensor, group: str = "", fast_accum: bool = False) -> torch.Tensor:
     """FP8 tensor cores (``_scaled_mm``) where possible, else the Triton decode GEMM."""
     n, k = codes.shape
     if fp8.scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
-        return fp8.fp8_linear(x, fp8.cached_e4m3_weight(codes, scale), bias, group=group)
+        return fp8.fp8_linear(x, fp8.cached_e4m3_weight(codes, scale), bias, use_fast_accum=fast_accum, group=group)
     return triton_gemm.hif8_linear_triton(x, codes, bias, scale, group)
 
 
@@ -61,6 +63,8 @@ def hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tenso
 
 
 hif8_linear_cuda = inference.hif8_linear_op("osp_cuda::hif8_linear", hif8_linear_cuda_impl)
+hif8_linear_cuda_fast_accum = inference.hif8_linear_op(
+    "osp_cuda::hif8_linear_fast_accum", functools.partial(hif8_linear_cuda_impl, fast_accum=True))
 hif8_linear_npu = inference.hif8_linear_op("osp_npu::hif8_linear", hif8_linear_npu_impl)
 
 
@@ -68,8 +72,17 @@ def _cuda_check(node) -> str | None:
     return None if triton_kernels.triton_available("cuda") else "Triton is not installed"
 
 
+def _fast_accum_check(node) -> str | None:
+    """Chosen only when the config asks (``OSPConfig.fp8_fast_accum``; the HiF8 pass marks the node)."""
+    if not node.meta.get(inference.FAST_ACCUM_KEY):
+        return "not asked for (OSPConfig.fp8_fast_accum=False)"
+    return _cuda_check(node)
+
+
 register_kernel("hif8_linear", "cpu", name="HiF8 reference (decode + float matmul)")(
     torch.ops.osp.hif8_linear.default)
+register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (_scaled_mm, fast accumulation)",
+                check=_fast_accum_check)(torch.ops.osp_cuda.hif8_linear_fast_accum.default)
 register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (_scaled_mm) / Triton decode GEMM",
                 check=_cuda_check)(torch.ops.osp_cuda.hif8_linear.default)
 register_kernel("hif8_linear", "npu", name="torch_npu.npu_quant_matmul (HiF8 x HiF8)",
