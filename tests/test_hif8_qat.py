@@ -147,9 +147,8 @@ SKIPARSE_CASES = [
     pytest.param((2, 8, 16), {}, id="nopad"),
     # W = 6 is padded to 8, per-site permutations: the linears see the real tokens only
     pytest.param((2, 8, 12), {"fuse_permutations": False}, id="pad-unfused"),
-    # the fused layout carries padded slots in the hidden state; they copy a real token of their
-    # subsequence (token_layouts.replicate_padding), so the per-tensor max|x| of every HiF8 linear
-    # is the one of the real tokens
+    # the fused (packed) layout on a grid P does not divide: the hidden state holds the real tokens
+    # only, so the per-tensor max|x| of every HiF8 linear is the one of the real tokens
     pytest.param((2, 8, 12), {}, id="pad-fused"),
 ]
 

@@ -14,9 +14,9 @@ The pass (``passes/hif8_linear.py``) gives the group only to ops whose input is 
 replicated tensor every rank holds the same values, so the reduce would change nothing and is
 skipped (a replicated QAT input has its own treatment of the backward, see ``qat.py``).
 
-Padded sequence-parallel layouts (SSP's folded layouts on a grid that P does not divide) are
-covered: their padded slots copy a real token of the same subsequence
-(``token_layouts.replicate_padding``), so they never raise a rank's max (and they get no gradient).
+Grids that P does not divide need nothing special: the sequence-parallel layouts are packed (real
+tokens only, ``token_layouts``), so a rank's max is over real tokens, and the max over the group
+is the whole tensor's.
 """
 from __future__ import annotations
 
