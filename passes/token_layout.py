@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from osp_compile.ops import folded_attention, skiparse_relayout
 from osp_compile.report import PassReport
-from osp_compile.skiparse_layout import packed_attention_pairs
+from osp_compile.skiparse_layout import packed_attention_pairs, subsequence_tokens
 from osp_compile.token_layouts import FOLDED, check_world, local_tokens
 from .analysis import _ELEMENTWISE, _LINEAR, _NORMS, _PERMUTES, _REDUCTIONS, _SPLITS, TokenAxis, _kind_of
 from .fx_utils import call_args, hint, is_sdpa, meta_value, normalize_dim, sdpa_args, shape_of
@@ -338,8 +338,10 @@ class _Rewriter:
                 new = self.g.call_function(folded_attention, (q, k, v, t, h, w, self.p, label, self.sp.rank, self.sp.world), kw)
                 row = self.ctx.report.sites.get(site.key)
                 if row is not None:  # packed: real tokens only, so fewer FLOPs than the padded fold
+                    lengths = sorted({len(t) for t in subsequence_tokens(self.grid, self.p, label)}, reverse=True)
+                    row.subsequence_len = lengths[0]
                     row.flops_after = 4 * site.heads * site.head_dim * site.batch * packed_attention_pairs(self.grid, self.p, label)
-                    row.decision += "; packed layout (real tokens only)"
+                    row.decision += f"; packed layout, real tokens only (subsequences of {'/'.join(map(str, lengths))})"
             else:
                 from osp_compile.distributed import ulysses_attention
 

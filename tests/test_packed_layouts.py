@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from osp_compile import OSPConfig, convert
 from osp_compile.oracle import masked_oracle, rel_err, subsequence_id
-from osp_compile.skiparse_layout import real_length_classes
+from osp_compile.skiparse_layout import padded_extent, real_length_classes
 from osp_compile.token_layouts import gather_order, local_token_ids, routing, shard_rows, slot_ids
 from reference_model import PRESETS, build_model, make_inputs
 
@@ -118,4 +118,6 @@ def test_report_counts_the_flops_of_real_tokens_only():
         sid = subsequence_id((3, 6, 10), 2, r.layout).numpy()
         pairs = sum(int((sid == s).sum()) ** 2 for s in range(4))
         assert r.flops_after == 4 * r.heads * r.head_dim * r.batch * pairs
-        assert r.flops_after < 4 * r.heads * r.head_dim * r.batch * 4 * r.subsequence_len ** 2  # padded fold: more
+        assert r.subsequence_len == max(int((sid == s).sum()) for s in range(4))  # the longest real one
+        padded = 3 * padded_extent(6, 2) * padded_extent(10, 2) // 4
+        assert r.flops_after < 4 * r.heads * r.head_dim * r.batch * 4 * padded ** 2  # the padded fold: more
