@@ -39,6 +39,26 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
+def _refuse_split_training(ctx, params: list[fx.Node]) -> None:
+    """Gradients are exact within ONE graph: a second graph with trainable parameters compiled for
+    training in the same session means a Dynamo graph break split the forward, and the gradient
+    bookkeeping (partial sums, the gather's slice backward, the 1/S scale after it) does not
+    compose across graphs yet (a test run gave 2x the gradient of the output head on 2 ranks).
+    Inference is unaffected: outputs stay exact."""
+    if not (params and torch.is_grad_enabled()):
+        return
+    count = ctx.state.get("sp_training_graphs", 0) + 1
+    ctx.state["sp_training_graphs"] = count
+    if count > 1:
+        from osp_compile.errors import OSPUnsupportedError
+
+        raise OSPUnsupportedError(
+            f"sequence_parallel={ctx.config.sequence_parallel!r} training: the forward was split into several graphs "
+            f"(a Dynamo graph break; this is graph {count} with trainable parameters), and SP gradients are exact "
+            f"only within one graph. Remove the graph break (torch._dynamo.explain(model)(*args) names it), or run "
+            f"this module under torch.no_grad() (inference stays exact), or train without sequence_parallel.")
+
+
 def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
     sp = sp_info(ctx.config)
     if sp.world <= 1:
@@ -46,6 +66,7 @@ def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
     from osp_compile.distributed import sp_grad_sync
 
     params = _trainable_params(gm)
+    _refuse_split_training(ctx, params)
     for p in params:
         users = list(p.users)
         if not users:

@@ -181,3 +181,42 @@ def test_communication_counts_from_the_sid_formula():
     switch = relayout_collective("token", "group", (1, 180, rest), item, grid, p, world, None)
     moving = [int(((owner["token"] == r) & (owner["group"] != r)).sum()) for r in range(world)]
     assert switch.bytes_per_rank == [m * rest * item for m in moving]
+
+
+class _Breaking(torch.nn.Module):
+    """A block behind a Dynamo graph break: the forward becomes several graphs."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, *args):
+        torch._dynamo.graph_break()
+        return self.block(x, *args)
+
+
+def _graph_break_worker(rank, world):
+    model = build_model("tiny", num_layers=4, seed=1)
+    model.blocks[2] = _Breaking(model.blocks[2])
+    args, kwargs = make_inputs(PRESETS["tiny"], seed=2)
+    config = OSPConfig(layout="all_sparse", grid=(3, 6, 10))
+    with torch.no_grad():
+        ref = convert(model, args, kwargs, config)(*args, **kwargs)
+        torch._dynamo.reset()
+        out = convert(model, args, kwargs, config.replace(sequence_parallel="ssp"))(*args, **kwargs)
+    torch._dynamo.reset()
+    try:
+        convert(model, args, kwargs, config.replace(sequence_parallel="ssp"))(*args, **kwargs).sum().backward()
+        refused = ""
+    except Exception as exc:
+        refused = str(exc)
+    return {"out": rel_err(out, ref), "refused": refused[:1000]}
+
+
+def test_graph_breaks_keep_inference_exact_and_refuse_inexact_training(tmp_path):
+    """Across graph breaks SP outputs stay exact; training is refused clearly (its gradients would
+    not be: 2x the head's gradient on 2 ranks before the guard)."""
+    for res in run_ranks(_graph_break_worker, 2, tmp_path, timeout_s=240):
+        assert "error" not in res, res.get("trace")
+        assert res["out"] <= 1e-5
+        assert "SP gradients are exact only within one graph" in res["refused"]
