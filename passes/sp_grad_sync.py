@@ -39,6 +39,12 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
+def _has_sharded_region(gm: fx.GraphModule) -> bool:
+    from osp_compile.distributed import sp_relayout, ulysses_attention
+
+    return any(n.op == "call_function" and n.target in (sp_relayout, ulysses_attention) for n in gm.graph.nodes)
+
+
 def _refuse_split_training(ctx, params: list[fx.Node]) -> None:
     """Gradients are exact within ONE graph: a second graph with trainable parameters compiled for
     training in the same session means a Dynamo graph break split the forward, and the gradient
@@ -67,6 +73,8 @@ def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
 
     params = _trainable_params(gm)
     _refuse_split_training(ctx, params)
+    if not _has_sharded_region(gm):  # all replicated (one graph): every rank already holds the full gradient
+        return gm, PassReport("sp_grad_sync", "no sharded region in this graph: gradients are already whole on every rank")
     for p in params:
         users = list(p.users)
         if not users:

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from osp_compile.ops import folded_attention, skiparse_relayout
+from osp_compile.errors import OSPUnsupportedError
 from osp_compile.report import PassReport
 from osp_compile.skiparse_layout import packed_attention_pairs, subsequence_tokens
 from osp_compile.token_layouts import FOLDED, check_world, local_tokens
@@ -390,6 +391,14 @@ def token_layout_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
     cfg = ctx.config
     an = ctx.analysis
     sites = [s for s in an.video_sites] if an is not None else []
+    joint = [s for s in an.layout_sites if s.kind == "joint"] if an is not None else []
+    if cfg.sequence_parallel is not None and joint and not sites:
+        msg = (f"sequence_parallel={cfg.sequence_parallel!r}: this graph's {len(joint)} attention site(s) are joint "
+               f"text+video attention, which SSP/Ulysses do not shard yet")
+        if cfg.on_unsupported == "error":
+            raise OSPUnsupportedError(msg + "; every rank would run the whole model. Drop sequence_parallel, or pass "
+                                            "OSPConfig(on_unsupported='skip') to run replicated on every rank.")
+        return gm, PassReport("token_layout", msg + ": running replicated on every rank (on_unsupported='skip')")
     if not sites or (cfg.sequence_parallel is None and not cfg.fuse_permutations):
         return gm, PassReport("token_layout", "nothing to do (no video sites, or fusion off)")
     if cfg.sequence_parallel is None and all(s.layout == "full" for s in sites):

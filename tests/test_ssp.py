@@ -220,3 +220,19 @@ def test_graph_breaks_keep_inference_exact_and_refuse_inexact_training(tmp_path)
         assert "error" not in res, res.get("trace")
         assert res["out"] <= 1e-5
         assert "SP gradients are exact only within one graph" in res["refused"]
+
+
+def test_joint_attention_models_refuse_sp_or_run_replicated_as_asked():
+    pytest.importorskip("diffusers")
+    from osp_compile.errors import OSPUnsupportedError
+    from osp_compile.models import load
+
+    model, args, kwargs = load("diffusers:CogVideoX")
+    config = OSPConfig(layout="all_sparse", sequence_parallel="ssp", sp_group=PlanningGroup(2))
+    with pytest.raises(Exception, match="joint text\\+video attention, which SSP/Ulysses do not shard yet") as info:
+        plan(model, args, kwargs, config)
+    assert isinstance(info.value, OSPUnsupportedError) or "OSPUnsupportedError" in str(info.value)
+    report = plan(model, args, kwargs, config.replace(on_unsupported="skip"))
+    summaries = {p.name: p.summary for g in report.graphs for p in g.passes}
+    assert "running replicated on every rank" in summaries["token_layout"]
+    assert "gradients are already whole" in summaries["sp_grad_sync"]  # no all-reduce: no S-fold gradients
