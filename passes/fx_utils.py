@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sympy
 import torch
@@ -98,6 +98,19 @@ def sdpa_args(node: fx.Node) -> dict:
         _SIGNATURES["scaled_dot_product_attention"],
         {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
     )
+
+
+def downstream(starts: Sequence[fx.Node], stop: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    """``starts`` and every node reachable from them through users, never entering a node where
+    ``stop`` holds (e.g. the region between a relayout and the next one)."""
+    seen: set[fx.Node] = set()
+    todo = list(starts)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(u for u in n.users if not stop(u))
+    return seen
 
 
 def normalize_dim(d: int, ndim: int) -> int:

@@ -36,7 +36,7 @@ import torch.fx as fx
 from osp_compile.errors import OSPAnalysisError
 from osp_compile.hif8 import inference, qat  # noqa: F401  (qat defines osp::hif8_qat_linear)
 from osp_compile.report import PassReport
-from .fx_utils import call_args, linear_calls, meta_value, shape_of
+from .fx_utils import call_args, downstream, linear_calls, meta_value, shape_of
 from .token_layout import sp_info
 
 DEFAULT_EXCLUDE = (
@@ -148,18 +148,6 @@ def _is_gather(n: fx.Node) -> bool:
     return info is not None and info["dst"] == "full"
 
 
-def _downstream(starts: list[fx.Node], stop) -> set[fx.Node]:
-    """``starts`` and every node reachable from them through users, not entering a node where ``stop``."""
-    seen: set[fx.Node] = set()
-    todo = list(starts)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(u for u in n.users if not stop(u))
-    return seen
-
-
 def _sp_roles(gm: fx.GraphModule, ctx) -> _SPRoles:
     sp = sp_info(ctx.config)
     if sp.world <= 1:
@@ -171,8 +159,8 @@ def _sp_roles(gm: fx.GraphModule, ctx) -> _SPRoles:
             "meta['osp_relayout']: cannot tell sharded tokens from replicated tensors, so HiF8 cannot share "
             "its scales correctly (the token layout pass must run first and mark its relayouts)"
         )
-    sharded = _downstream([n for n in relayouts if not _is_gather(n)], _is_gather)
-    gathered = _downstream([n for n in relayouts if _is_gather(n)], lambda n: _relayout(n) is not None)
+    sharded = downstream([n for n in relayouts if not _is_gather(n)], _is_gather)
+    gathered = downstream([n for n in relayouts if _is_gather(n)], lambda n: _relayout(n) is not None)
     return _SPRoles(sp.group, sharded, gathered - sharded)
 
 

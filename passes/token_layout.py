@@ -37,7 +37,7 @@ from osp_compile.report import PassReport
 from osp_compile.skiparse_layout import packed_attention_pairs, subsequence_tokens
 from osp_compile.token_layouts import FOLDED, check_world, local_tokens
 from .analysis import _ELEMENTWISE, _LINEAR, _NORMS, _PERMUTES, _REDUCTIONS, _SPLITS, TokenAxis, _kind_of
-from .fx_utils import call_args, hint, is_sdpa, meta_value, normalize_dim, sdpa_args, shape_of
+from .fx_utils import call_args, downstream, hint, is_sdpa, meta_value, normalize_dim, sdpa_args, shape_of
 
 _SIZED = {"view", "reshape", "expand", "broadcast_to"}
 
@@ -365,17 +365,8 @@ class _Rewriter:
         from osp_compile.distributed import sp_grad_scale
 
         gathers = [r for r in self.relayouts if r.meta["osp_relayout"]["dst"] == "full"]
-        after: set[fx.Node] = set()
-        todo = list(gathers)
-        while todo:
-            x = todo.pop()
-            for u in x.users:
-                if u.op == "output" or u in after:
-                    continue
-                if u in self.relayouts and u.meta["osp_relayout"]["src"] == "full":
-                    continue  # scattered again: back to partial gradients
-                after.add(u)
-                todo.append(u)
+        scatters = {r for r in self.relayouts if r.meta["osp_relayout"]["src"] == "full"}  # back to partial gradients
+        after = downstream(gathers, lambda u: u.op == "output" or u in scatters) - set(gathers)
         scaled: dict[fx.Node, fx.Node] = {}
         for u in [n for n in self.g.nodes if n in after]:
             for a in list(u.all_input_nodes):
