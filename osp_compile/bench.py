@@ -6,7 +6,9 @@ Variants: dense eager; dense under torch.compile (Inductor) - the fair baseline;
 OSP + ``quant="hif8-infer"`` (when its kernels exist for the device; ``osp-hif8-fast`` with
 ``fp8_fast_accum=True``). Medians over repeated runs
 after warm-up (CUDA events), peak memory, compile time; a profiler breakdown of the OSP step
-(attention, GEMMs, layout changes, the rest) and its top kernels say where the time goes.
+(attention, GEMMs, layout changes, the rest), its top kernels and every attention launch in order
+say where the time goes. ``nvidia-smi`` is sampled while the steps are timed: a long step can hold
+the GPU at its power cap, with clocks far below those a short microbenchmark sees.
 
 What the layout costs is measured, not inferred from kernel names (Inductor fuses the token
 gathers into neighbouring norms, so no kernel is "the relayout"): the ablation ``osp-no-relayout``
@@ -18,6 +20,7 @@ construction (packed layouts carry no padded row).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import statistics
 import time
@@ -39,6 +42,7 @@ class Row:
     peak_gib: float | None = None
     speedup_vs_inductor: float | None = None
     note: str = ""
+    gpu_state: dict = field(default_factory=dict)
     breakdown: dict = field(default_factory=dict)
 
 
@@ -77,6 +81,55 @@ def full_blocks_for(total: int, preset: str, requested: int | None) -> int:
     if requested is not None:
         return requested
     return max(2, round(total * 8 / 40 / 2) * 2)
+
+
+class GPUSampler:
+    """SM clock, power and throttle reasons sampled by ``nvidia-smi`` while the timed steps run.
+
+    A long step can hold the GPU at its power limit, where the clock drops and every kernel slows;
+    a kernel timed alone then runs faster than it does inside the model. The summary (median SM
+    MHz, median W, share of samples throttled by the power cap) says which regime a row ran in.
+    Nothing is sampled off CUDA or where ``nvidia-smi`` is missing."""
+
+    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+    SW_POWER_CAP = 0x4
+
+    def __init__(self, device: str, interval_ms: int = 100):
+        self.device, self.interval_ms = device, interval_ms
+        self.proc = None
+
+    def __enter__(self) -> "GPUSampler":
+        import shutil
+        import subprocess
+
+        if self.device == "cuda" and shutil.which("nvidia-smi"):
+            index = torch.cuda.current_device()
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", str(index), f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                 f"-lms={self.interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.output, _ = self.proc.communicate(timeout=10)
+
+    def summary(self) -> dict:
+        if self.proc is None:
+            return {}
+        rows = []
+        for line in self.output.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                rows.append((float(parts[0]), float(parts[1]), int(parts[2], 16)))
+            except (ValueError, IndexError):
+                continue  # a "[N/A]" field or a line cut off by terminate()
+        if not rows:
+            return {}
+        return {"sm_mhz_median": statistics.median(r[0] for r in rows),
+                "power_w_median": round(statistics.median(r[1] for r in rows), 1),
+                "power_capped_share": round(sum(bool(r[2] & self.SW_POWER_CAP) for r in rows) / len(rows), 2),
+                "samples": len(rows)}
 
 
 def categorize(name: str) -> str:
@@ -133,7 +186,19 @@ def profile_breakdown(fn: Callable, device: str, top: int = 40) -> dict:
     whole = sum(totals.values()) or 1.0
     out = {k: {"ms": round(v, 3), "share": round(v / whole, 4)} for k, v in sorted(totals.items())}
     out["top_kernels"] = [{"ms": round(ms, 3), "calls": c, "name": name[:120]} for ms, c, name in sorted(kernels, reverse=True)[:top]]
+    out["attention_calls_ms"] = attention_calls(prof) if device == "cuda" else []
     return out
+
+
+def attention_calls(prof) -> list[dict]:
+    """Each attention-kernel launch of the step in order (ms and kernel name): which sites are dense,
+    sparse (one launch per length class) or cross-attention shows in the sequence, and so does a
+    site that runs slower in the model than its kernel alone. Inductor kernels whose names merely
+    mention attention (a fused norm next to it) are left out."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+              and categorize(e.name) == "attention" and not e.name.startswith("triton_")]
+    events.sort(key=lambda e: e.time_range.start)
+    return [{"ms": round(e.time_range.elapsed_us() / 1e3, 3), "name": e.name[:60]} for e in events]
 
 
 def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None = None, num_full_blocks: int | None = None,
@@ -188,20 +253,22 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
             with torch.no_grad(), ablation:
                 t0 = time.perf_counter()
                 fn = make(variant)
-                step = lambda: fn(*args, **kwargs)  # noqa: E731
+                step = functools.partial(fn, *args, **kwargs)
                 step()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 row.compile_s = round(time.perf_counter() - t0, 1)
                 for _ in range(warmup):
                     step()
-                times = [timer(step) for _ in range(iters)]
+                with GPUSampler(device) as sampler:
+                    times = [timer(step) for _ in range(iters)]
+                row.gpu_state = sampler.summary()
                 row.median_ms, row.min_ms = round(statistics.median(times), 2), round(min(times), 2)
                 if device == "cuda":
                     row.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 if profile and variant != "dense-eager":
                     row.breakdown = profile_breakdown(step, device)
-            del fn
+            del fn, step
         except Exception as exc:  # one failing variant must not hide the others
             row.note = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
@@ -231,7 +298,8 @@ def table(result: dict) -> str:
             f"{result['full_blocks']} full, P={result['sparse_ratio']}, {result['dtype']}, {result['device']}, "
             f"torch {result['torch']}, median of {result['iters']}")
     rows = [{"variant": r["variant"], "median ms": r["median_ms"], "min ms": r["min_ms"], "x vs dense+inductor":
-             r["speedup_vs_inductor"], "compile s": r["compile_s"], "peak GiB": r["peak_gib"], "note": r["note"]}
+             r["speedup_vs_inductor"], "compile s": r["compile_s"], "peak GiB": r["peak_gib"],
+             "SM MHz / W / power-capped": _gpu_state_cell(r.get("gpu_state") or {}), "note": r["note"]}
             for r in result["rows"]]
     lines = [head, format_table(rows)]
     cost = result.get("layout_cost")
@@ -241,9 +309,15 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         if r["breakdown"]:
             parts = ", ".join(f"{k} {v['ms']} ms ({100 * v['share']:.1f}%)" for k, v in r["breakdown"].items()
-                              if k != "top_kernels")
+                              if k not in ("top_kernels", "attention_calls_ms"))
             lines.append(f"  profile {r['variant']}: {parts}")
     return "\n".join(lines)
+
+
+def _gpu_state_cell(state: dict) -> str:
+    if not state:
+        return "-"
+    return f"{state['sm_mhz_median']:.0f} / {state['power_w_median']:.0f} / {100 * state['power_capped_share']:.0f}%"
 
 
 def dump(result: dict, path: str) -> None:

@@ -1,0 +1,35 @@
+"""`osp-compile bench` pieces that run without a GPU: the GPU-state summary read from nvidia-smi's
+output, and the printed table (the timings themselves need CUDA: BENCHMARKS.md)."""
+from osp_compile import bench
+
+
+def test_gpu_sampler_summarises_clock_power_and_power_cap():
+    sampler = bench.GPUSampler("cuda")
+    sampler.proc = object()  # as if nvidia-smi had run
+    sampler.output = "\n".join([
+        "1980, 320.5, 0x0000000000000000",
+        "1590, 696.0, 0x0000000000000004",   # SW power cap
+        "1545, 699.1, 0x0000000000000004",
+        "[N/A], [N/A], [N/A]",               # skipped
+        "1620, 698",                         # cut off by terminate(): skipped
+    ])
+    assert sampler.summary() == {"sm_mhz_median": 1590.0, "power_w_median": 696.0,
+                                 "power_capped_share": 0.67, "samples": 3}
+    assert bench.GPUSampler("cpu").__enter__().summary() == {}
+
+
+def test_table_shows_speedup_gpu_state_and_layout_cost():
+    result = {"preset": "wan-14b", "resolution": "720p", "grid": [21, 45, 80], "tokens": 75600, "layers": 40,
+              "layer_reduced": False, "full_blocks": 8, "sparse_ratio": 2, "dtype": "torch.bfloat16",
+              "device": "H100", "torch": "2.11", "iters": 2, "layout_cost": {"ms": 2.2, "share_of_step": 0.001},
+              "rows": [{"variant": "dense-inductor", "median_ms": 100.0, "min_ms": 99.0, "speedup_vs_inductor": 1.0,
+                        "compile_s": 1.0, "peak_gib": 1.0, "note": "", "breakdown": {},
+                        "gpu_state": {"sm_mhz_median": 1590.0, "power_w_median": 696.4, "power_capped_share": 1.0}},
+                       {"variant": "osp-backend", "median_ms": 55.0, "min_ms": 54.0, "speedup_vs_inductor": 1.818,
+                        "compile_s": 1.0, "peak_gib": 1.0, "note": "", "gpu_state": {},
+                        "breakdown": {"attention": {"ms": 30.0, "share": 0.6}, "top_kernels": [],
+                                      "attention_calls_ms": [{"ms": 27.5, "name": "cudnn"}]}}]}
+    text = bench.table(result)
+    assert "1590 / 696 / 100%" in text and "1.818" in text
+    assert "0.1% of the OSP step" in text
+    assert "profile osp-backend: attention 30.0 ms (60.0%)" in text and "attention_calls" not in text
