@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .skiparse_layout import fold, key_padding_mask, real_length_classes, relayout_local, unfold
+from .token_layouts import owned_subsequences
 
 _lib = torch.library.Library("osp", "DEF")
 
@@ -62,9 +63,9 @@ def _folded_attention(q, k, v, T, H, W, P, pattern, rank=0, world=1, dropout_p=0
     length run as one dense batch on a view of their rows: no mask and no padding, so the fastest
     dense kernel applies and no row is computed twice."""
     grid = (int(T), int(H), int(W))
-    per = P * P // world
+    mine = owned_subsequences(P, world, rank)
     outs = []
-    for offset, count, n in real_length_classes(grid, P, pattern, rank * per, per):
+    for offset, count, n in real_length_classes(grid, P, pattern, mine.start, len(mine)):
         def run(t):  # [B, h, count*n, D] rows -> [B*count, h, n, D]
             t = t.narrow(-2, offset, count * n).unflatten(-2, (count, n))
             return t.movedim(-3, 1).flatten(0, 1)
