@@ -132,15 +132,22 @@ class GPUSampler:
                 "samples": len(rows)}
 
 
+INDUCTOR_FUSED = ("triton_poi_", "triton_red_", "triton_per_")
+"""Name prefixes of Inductor's pointwise and reduction kernels: named after the ops they fuse (a
+norm next to attention is ``triton_red_fused__scaled_dot_product_cudnn_attention_...``), they are
+never an attention kernel or a GEMM, whatever their name mentions."""
+
+
 def categorize(name: str) -> str:
     n = name.lower()
-    if any(k in n for k in ("flash", "fmha", "attention", "attn")):
+    fused = n.startswith(INDUCTOR_FUSED)
+    if not fused and any(k in n for k in ("flash", "fmha", "attention", "attn")):
         return "attention"
     if any(k in n for k in ("index_select", "gather")):
         return "relayout (gather; fused neighbours included)"
     if any(k in n for k in ("cat", "pad", "repeat")):
         return "cat/pad/repeat"
-    if any(k in n for k in ("gemm", "sm90", "cutlass", "matmul", "mm_", "_mm", "cublas", "scaled_mm", "xmma")):
+    if not fused and any(k in n for k in ("gemm", "sm90", "cutlass", "matmul", "mm_", "_mm", "cublas", "scaled_mm", "xmma")):
         return "gemm"
     return "other (norms, modulation, pointwise)"
 
@@ -193,10 +200,9 @@ def profile_breakdown(fn: Callable, device: str, top: int = 40) -> dict:
 def attention_calls(prof) -> list[dict]:
     """Each attention-kernel launch of the step in order (ms and kernel name): which sites are dense,
     sparse (one launch per length class) or cross-attention shows in the sequence, and so does a
-    site that runs slower in the model than its kernel alone. Inductor kernels whose names merely
-    mention attention (a fused norm next to it) are left out."""
+    site that runs slower in the model than its kernel alone."""
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-              and categorize(e.name) == "attention" and not e.name.startswith("triton_")]
+              and categorize(e.name) == "attention"]
     events.sort(key=lambda e: e.time_range.start)
     return [{"ms": round(e.time_range.elapsed_us() / 1e3, 3), "name": e.name[:60]} for e in events]
 

@@ -33,3 +33,14 @@ def test_table_shows_speedup_gpu_state_and_layout_cost():
     assert "1590 / 696 / 100%" in text and "1.818" in text
     assert "0.1% of the OSP step" in text
     assert "profile osp-backend: attention 30.0 ms (60.0%)" in text and "attention_calls" not in text
+
+
+def test_inductor_fused_kernels_are_never_attention_or_gemm():
+    """Inductor names a kernel after the ops it fuses: a norm beside attention, or GELU after a
+    GEMM, mentions them without being them."""
+    assert bench.categorize("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert bench.categorize("nvjet_sm90_tst_192x208_64x4_1x2_h_bz_coopB_bias_TNT") == "gemm"
+    norm = "triton_red_fused__scaled_dot_product_cudnn_attention__to_copy_add_mean_mul_pow_rsqrt_transpose_view_8"
+    assert bench.categorize(norm) == "other (norms, modulation, pointwise)"
+    assert bench.categorize("triton_poi_fused_addmm_gelu_view_12") == "other (norms, modulation, pointwise)"
+    assert bench.categorize("triton_red_fused__to_copy_add_index_select_mul_native_layer_norm_17").startswith("relayout")
