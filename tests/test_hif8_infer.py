@@ -319,6 +319,12 @@ def test_cuda_kernels_match_reference(dtype):
     assert torch.equal(got.float().cpu(), ref.float()) and torch.equal(got_dq.cpu(), ref_dq)
 
 
+def _lowered_hif8_kernels(report) -> set[str]:
+    """The kernels lowering gave the report's ``osp::hif8_linear`` nodes."""
+    return {r["kernel"] for g in report.graphs for p in g.passes if p.name == "lowering" for r in p.rows
+            if r["op"] == "osp::hif8_linear"}
+
+
 def _exact_cuda_kernel_name() -> str:
     return next(k.name for k in kernels_for("hif8_linear", "cuda") if "fast" not in k.name)
 
@@ -333,8 +339,7 @@ def test_fast_accumulation_kernel_only_when_asked(fast, monkeypatch):
     model = build_model("tiny", num_layers=1, seed=14)
     args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=15)
     report = plan(model, args, kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cuda", fp8_fast_accum=fast))
-    kernels = {r["kernel"] for g in report.graphs for p in g.passes if p.name == "lowering" for r in p.rows
-               if r["op"] == "osp::hif8_linear"}
+    kernels = _lowered_hif8_kernels(report)
     assert kernels == ({"HiF8 FP8 tensor cores (_scaled_mm, fast accumulation)"} if fast else {_exact_cuda_kernel_name()})
     with pytest.raises(Exception, match="fp8_fast_accum=True applies to quant='hif8-infer'"):
         OSPConfig(quant="hif8", fp8_fast_accum=True)
@@ -364,8 +369,7 @@ def test_cuda_model_lowers_to_the_cuda_kernel(inner, monkeypatch):
         with torch.no_grad():
             out = torch.compile(model, backend=osp_backend, options=options)(*args, **kwargs)  # no entry point needed
         report = report_for(options)
-    kernels = {r["kernel"] for g in report.graphs for p in g.passes if p.name == "lowering" for r in p.rows
-               if r["op"] == "osp::hif8_linear"}
+    kernels = _lowered_hif8_kernels(report)
     assert kernels == {_exact_cuda_kernel_name()}
     # GPU vs CPU float32: summation orders differ, which may flip a HiF8 rounding (one step, one element)
     assert rel_err(out.detach().cpu(), want) <= 2e-3
