@@ -20,6 +20,8 @@ import torch.nn.functional as F
 COMPOSITES = {
     "skiparse_attention": "osp_compile.ops:_skiparse_attention",
     "folded_attention": "osp_compile.ops:_folded_attention",
+    "folded_attention_linear": "osp_compile.ops:_folded_attention_linear",
+    "linear_gelu": "osp_compile.ops:_linear_gelu",
     "skiparse_relayout": "osp_compile.ops:_skiparse_relayout",
     "skiparse_joint_attention": "osp_compile.joint_attention:_skiparse_joint_attention",
 }
@@ -35,9 +37,19 @@ def composite_function(op_name: str) -> Callable | None:
     return getattr(importlib.import_module(module), attr)
 
 
+def _global_and_attribute_names(code: types.CodeType) -> set[str]:
+    """Names a code object reads, with those of the code nested in it (comprehensions, inner functions:
+    separate code objects before Python 3.12, sharing the function's globals)."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_and_attribute_names(const)
+    return names
+
+
 def calls_attention(fn: Callable) -> bool:
     """Whether `fn` calls ``F.scaled_dot_product_attention`` itself (the seam `on_attention_kernel` uses)."""
-    return {"F", "scaled_dot_product_attention"} <= set(fn.__code__.co_names)
+    return {"F", "scaled_dot_product_attention"} <= _global_and_attribute_names(fn.__code__)
 
 
 class FunctionalWithAttention:
