@@ -29,7 +29,19 @@ from typing import Callable
 
 import torch
 
-VARIANTS = ("dense-eager", "dense-inductor", "osp-convert", "osp-backend", "osp-hif8", "osp-hif8-fast", "osp-no-relayout")
+VARIANTS = ("dense-eager", "dense-inductor", "dense-osp", "osp-convert", "osp-backend", "osp-unfused", "osp-hif8",
+            "osp-hif8-fast", "osp-no-relayout")
+BACKEND_OPTIONS = {
+    "osp-backend": {},
+    "osp-no-relayout": {},
+    "osp-unfused": {"fuse_linears": False},
+    "osp-hif8": {"quant": "hif8-infer"},
+    "osp-hif8-fast": {"quant": "hif8-infer", "fp8_fast_accum": True},
+    "dense-osp": {"layout": "dense"},
+}
+"""Variants compiled with the osp backend, and their options beyond the preset's sparse layout.
+``dense-osp`` keeps every site dense: what the backend's other rewrites (the fusions into linears)
+give a model without Skiparse, so that the Skiparse share of a speedup can be told apart."""
 ABLATIONS = {"osp-no-relayout": "ablation: relayouts replaced by identity (output invalid, timing only)"}
 
 
@@ -194,7 +206,35 @@ def profile_breakdown(fn: Callable, device: str, top: int = 40) -> dict:
     out = {k: {"ms": round(v, 3), "share": round(v / whole, 4)} for k, v in sorted(totals.items())}
     out["top_kernels"] = [{"ms": round(ms, 3), "calls": c, "name": name[:120]} for ms, c, name in sorted(kernels, reverse=True)[:top]]
     out["attention_calls_ms"] = attention_calls(prof) if device == "cuda" else []
+    if device == "cuda":
+        out["timeline"] = timeline([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                                    if e.device_type == torch.autograd.DeviceType.CUDA])
     return out
+
+
+def timeline(intervals: list[tuple[float, float, str]], largest: int = 8) -> dict:
+    """How busy the GPU was over one step, from its kernels' (start, end, name) in microseconds: the
+    span from the first start to the last end, the time some kernel ran (overlaps counted once), the
+    idle rest, and the longest gaps with the kernels on either side. A step whose idle share grows is
+    waiting on the host (launch overhead, a synchronization), not on its kernels."""
+    if not intervals:
+        return {}
+    intervals = sorted(intervals)
+    busy, gaps = 0.0, []
+    run_start, run_end, last = intervals[0][0], intervals[0][1], intervals[0][2]
+    for start, end, name in intervals[1:]:
+        if start > run_end:
+            busy += run_end - run_start
+            gaps.append((start - run_end, last, name))
+            run_start = start
+        if end >= run_end:
+            run_end, last = end, name
+    busy += run_end - run_start
+    span = run_end - intervals[0][0]
+    gaps.sort(key=lambda g: g[0], reverse=True)
+    return {"span_ms": round(span / 1e3, 3), "busy_ms": round(busy / 1e3, 3), "idle_ms": round((span - busy) / 1e3, 3),
+            "gaps": len(gaps), "largest_gaps": [{"us": round(us, 1), "after": a[:60], "before": b[:60]}
+                                                for us, a, b in gaps[:largest]]}
 
 
 def attention_calls(prof) -> list[dict]:
@@ -209,7 +249,9 @@ def attention_calls(prof) -> list[dict]:
 
 def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None = None, num_full_blocks: int | None = None,
         sparse_ratio: int = 2, variants=VARIANTS, warmup: int = 2, iters: int = 5, device: str = "cuda",
-        profile: bool = True, progress: bool = True) -> dict:
+        profile: bool = True, progress: bool = True, partial_json: str | None = None) -> dict:
+    """One step of each variant, side by side (see the module docstring). ``partial_json``: rewrite
+    this file after every variant with the rows so far, so that a run cut short keeps them."""
     from reference_model import PRESETS, make_inputs, token_grid, latent_shape
 
     from . import OSPConfig, convert
@@ -234,12 +276,9 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         if variant == "osp-convert":
             return convert(model, args, kwargs, config)
         # the backend callable itself: the same as backend="osp", without relying on the pip entry point
-        if variant in ("osp-backend", "osp-no-relayout"):
-            opts = {"sparse_ratio": sparse_ratio, "layout": "dual_end", "num_full_blocks": full}
-            return torch.compile(model, backend=osp_backend, options=opts, dynamic=False)
-        if variant in ("osp-hif8", "osp-hif8-fast"):
-            opts = {"sparse_ratio": sparse_ratio, "layout": "dual_end", "num_full_blocks": full, "quant": "hif8-infer",
-                    "fp8_fast_accum": variant == "osp-hif8-fast"}
+        if variant in BACKEND_OPTIONS:
+            opts = {"sparse_ratio": sparse_ratio, "layout": "dual_end", "num_full_blocks": full,
+                    **BACKEND_OPTIONS[variant]}
             return torch.compile(model, backend=osp_backend, options=opts, dynamic=False)
         raise ValueError(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
 
@@ -278,6 +317,11 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         except Exception as exc:  # one failing variant must not hide the others
             row.note = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
+        if progress:
+            iterator.write(f"  {variant}: median {row.median_ms} ms, compiled in {row.compile_s} s {row.note}".rstrip())
+        if partial_json:
+            dump({"preset": preset, "resolution": resolution, "layers": total, "partial": True,
+                  "rows": [asdict(r) for r in rows]}, partial_json)
     base = next((r.median_ms for r in rows if r.variant == "dense-inductor" and r.median_ms), None)
     for r in rows:
         if base and r.median_ms and r.variant not in ABLATIONS:
@@ -315,8 +359,10 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         if r["breakdown"]:
             parts = ", ".join(f"{k} {v['ms']} ms ({100 * v['share']:.1f}%)" for k, v in r["breakdown"].items()
-                              if k not in ("top_kernels", "attention_calls_ms"))
-            lines.append(f"  profile {r['variant']}: {parts}")
+                              if k not in ("top_kernels", "attention_calls_ms", "timeline"))
+            t = r["breakdown"].get("timeline")
+            idle = f"; GPU idle {t['idle_ms']} of {t['span_ms']} ms ({t['gaps']} gaps)" if t else ""
+            lines.append(f"  profile {r['variant']}: {parts}{idle}")
     return "\n".join(lines)
 
 

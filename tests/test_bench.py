@@ -44,3 +44,13 @@ def test_inductor_fused_kernels_are_never_attention_or_gemm():
     assert bench.categorize(norm) == "other (norms, modulation, pointwise)"
     assert bench.categorize("triton_poi_fused_addmm_gelu_view_12") == "other (norms, modulation, pointwise)"
     assert bench.categorize("triton_red_fused__to_copy_add_index_select_mul_native_layer_norm_17").startswith("relayout")
+
+
+def test_timeline_counts_overlaps_once_and_names_the_gaps():
+    from osp_compile.bench import timeline
+
+    kernels = [(0.0, 100.0, "gemm"), (50.0, 120.0, "side"), (400.0, 500.0, "attention"), (510.0, 600.0, "norm")]
+    t = timeline(kernels)
+    assert t["span_ms"] == 0.6 and t["busy_ms"] == 0.31 and t["idle_ms"] == 0.29 and t["gaps"] == 2
+    assert t["largest_gaps"][0] == {"us": 280.0, "after": "side", "before": "attention"}
+    assert timeline([]) == {}

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda", help="cuda (timings to report) or cpu (smoke test only)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
-    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--json", default=None, help="write the result here (rewritten after each variant)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_bench(args.preset, args.resolution, args.layers, args.num_full_blocks, args.sparse_ratio,
                        [v for v in args.variants.split(",") if v], args.warmup, args.iters, args.device,
-                       profile=not args.no_profile)
+                       profile=not args.no_profile, partial_json=args.json)
     if args.json:
         dump(result, args.json)
     print(table(result))
