@@ -40,6 +40,10 @@ class OSPConfig:
         quantization itself is ~4e-2). Other targets ignore it.
     fuse_permutations: move the Skiparse rearrangement onto the hidden state (one permutation per
         pattern switch) instead of rearranging q, k, v and the output at every sparse site.
+    fuse_linears: fold neighbours into linears where the result is exact: a GELU into the GEMM that
+        feeds it (``osp::linear_gelu``; cuBLASLt's epilogue on CUDA), and a packed sparse site's
+        output projection into the site, per length class, so that the classes' outputs are never
+        concatenated (``osp::folded_attention_linear``). False keeps the model's own calls.
     sequence_parallel: None, ``ssp`` (Sparse Sequence Parallelism) or ``ulysses`` (the baseline);
         needs torch.distributed initialised. sp_group: the process group (None = the world).
     lora_rank, lora_alpha, lora_targets: LoRA adapters added as a pass (rank 0: none); targets are
@@ -53,6 +57,7 @@ class OSPConfig:
     target: str = "auto"
     on_unsupported: str = "error"
     fuse_permutations: bool = True
+    fuse_linears: bool = True
     sequence_parallel: str | None = None
     sp_group: object | None = None
     quant: str | None = None

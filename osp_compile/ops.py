@@ -50,31 +50,76 @@ def _skiparse_relayout(x, dim, T, H, W, P, src, dst):
     return relayout_local(x, dim, (T, H, W), P, src, dst)
 
 
+_ATTENTION_OPTIONS = "int rank=0, int world=1, float dropout_p=0.0, float? scale=None, bool enable_gqa=False"
+
 _lib.define(
     "folded_attention(Tensor q, Tensor k, Tensor v, SymInt T, SymInt H, SymInt W, int P, str pattern, "
-    "int rank=0, int world=1, float dropout_p=0.0, float? scale=None, bool enable_gqa=False) -> Tensor"
+    f"{_ATTENTION_OPTIONS}) -> Tensor"
 )
+_lib.define(
+    "folded_attention_linear(Tensor q, Tensor k, Tensor v, SymInt T, SymInt H, SymInt W, int P, str pattern, "
+    f"Tensor weight, Tensor? bias, {_ATTENTION_OPTIONS}) -> Tensor"
+)
+
+
+def _length_classes(q, k, v, T, H, W, P, pattern, rank, world):
+    """Per length class of this rank's packed subsequences: (q, k, v) as [B*count, heads, n, D] views
+    of their rows (subsequences of equal length as one dense batch: no mask, no padding, no copy)."""
+    grid = (int(T), int(H), int(W))
+    mine = owned_subsequences(P, world, rank)
+    for offset, count, n in real_length_classes(grid, P, pattern, mine.start, len(mine)):
+        def rows(t):  # [B, h, count*n, D] rows -> [B*count, h, n, D]
+            t = t.narrow(-2, offset, count * n).unflatten(-2, (count, n))
+            return t.movedim(-3, 1).flatten(0, 1)
+
+        yield rows(q), rows(k), rows(v)
+
+
+def _class_rows(out, batch):
+    """A class's attention output [B*count, h, n, D] back as its rows [B, h, count*n, D]."""
+    return out.unflatten(0, (batch, -1)).movedim(1, -3).flatten(-3, -2)
 
 
 @torch.library.impl(_lib, "folded_attention", "CompositeImplicitAutograd")
 def _folded_attention(q, k, v, T, H, W, P, pattern, rank=0, world=1, dropout_p=0.0, scale=None, enable_gqa=False):
     """Dense attention inside each subsequence of packed q, k, v ([B, heads, tokens, D], the real
-    tokens of this rank's subsequences one after another; `token_layouts`). Subsequences of equal
-    length run as one dense batch on a view of their rows: no mask and no padding, so the fastest
-    dense kernel applies and no row is computed twice."""
-    grid = (int(T), int(H), int(W))
-    mine = owned_subsequences(P, world, rank)
+    tokens of this rank's subsequences one after another; `token_layouts`), one dense batch per
+    length class (`_length_classes`), the classes' outputs concatenated in token order."""
     outs = []
-    for offset, count, n in real_length_classes(grid, P, pattern, mine.start, len(mine)):
-        def run(t):  # [B, h, count*n, D] rows -> [B*count, h, n, D]
-            t = t.narrow(-2, offset, count * n).unflatten(-2, (count, n))
-            return t.movedim(-3, 1).flatten(0, 1)
-
-        o = F.scaled_dot_product_attention(run(q), run(k), run(v), dropout_p=dropout_p, scale=scale,
-                                           enable_gqa=enable_gqa)
-        outs.append(o.unflatten(0, (q.shape[0], count)).movedim(1, -3).flatten(-3, -2))
+    for qkv in _length_classes(q, k, v, T, H, W, P, pattern, rank, world):
+        o = F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
+        outs.append(_class_rows(o, q.shape[0]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+@torch.library.impl(_lib, "folded_attention_linear", "CompositeImplicitAutograd")
+def _folded_attention_linear(q, k, v, T, H, W, P, pattern, weight, bias, rank=0, world=1, dropout_p=0.0, scale=None,
+                             enable_gqa=False):
+    """``F.linear(folded_attention(...).transpose(-3, -2).flatten(-2), weight, bias)``: the heads merged
+    and the output projection applied per length class, [B, tokens, out_features].
+
+    Why: the classes' attention outputs are separate tensors, and one projection of all tokens needs
+    them concatenated first (a copy of the whole activation per sparse site). Projected per class, only
+    the projections' outputs are joined, and a compiler folds that join into the elementwise op that
+    reads them (the gated residual add), so nothing is copied."""
+    outs = []
+    for qkv in _length_classes(q, k, v, T, H, W, P, pattern, rank, world):
+        o = F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
+        outs.append(F.linear(_class_rows(o, q.shape[0]).transpose(-3, -2).flatten(-2), weight, bias))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+_lib.define("linear_gelu(Tensor x, Tensor weight, Tensor? bias, str approximate='none') -> Tensor")
+
+
+@torch.library.impl(_lib, "linear_gelu", "CompositeImplicitAutograd")
+def _linear_gelu(x, weight, bias, approximate="none"):
+    """``F.gelu(F.linear(x, weight, bias), approximate=approximate)`` as one node, so that a target
+    can run the GELU in its GEMM's epilogue (CUDA: cuBLASLt) instead of as a pass over the output."""
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
 skiparse_relayout = torch.ops.osp.skiparse_relayout.default
 folded_attention = torch.ops.osp.folded_attention.default
+folded_attention_linear = torch.ops.osp.folded_attention_linear.default
+linear_gelu = torch.ops.osp.linear_gelu.default

@@ -89,7 +89,8 @@ GraphPass = Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, PassRe
 
 def default_passes(config: OSPConfig) -> list[GraphPass]:
     """The pipeline for a config: attention canonicalization, analysis, Skiparse, then the optional
-    passes in the order they compose (quantized linears first, LoRA adapters beside them)."""
+    passes in the order they compose (quantized linears first, LoRA adapters beside them; the
+    fusions into linears last, on the linears the others left plain)."""
     from passes.analysis import analysis_pass
     from passes.canonicalize_attention import canonicalize_attention_pass
     from passes.skiparse import skiparse_pass
@@ -110,6 +111,11 @@ def default_passes(config: OSPConfig) -> list[GraphPass]:
         from passes.sp_grad_sync import sp_grad_sync_pass
 
         pipeline += [sp_grad_sync_pass, comm_accounting_pass]
+    if config.fuse_linears:
+        from passes.attention_projection import attention_projection_pass
+        from passes.linear_gelu import linear_gelu_pass
+
+        pipeline += [attention_projection_pass, linear_gelu_pass]
     from passes.lowering import lowering_pass; pipeline.append(lowering_pass)  # noqa: E702  (last: kernels per target)
     return pipeline
 
