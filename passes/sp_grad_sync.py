@@ -45,24 +45,29 @@ def _has_sharded_region(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in (sp_relayout, ulysses_attention) for n in gm.graph.nodes)
 
 
-def _refuse_split_training(ctx, params: list[fx.Node]) -> None:
-    """Gradients are exact within ONE graph: a second graph with trainable parameters compiled for
-    training in the same session means a Dynamo graph break split the forward, and the gradient
-    bookkeeping (partial sums, the gather's slice backward, the 1/S scale after it) does not
-    compose across graphs yet (a test run gave 2x the gradient of the output head on 2 ranks).
+def _param_names(params: list[fx.Node]) -> frozenset[str]:
+    return frozenset(str(p.target) if p.op == "get_attr" else param_fqn(p) for p in params)
+
+
+def _refuse_split_training(ctx, names: frozenset[str]) -> None:
+    """Gradients are exact within ONE graph: when a Dynamo graph break splits the forward, the graphs
+    hold different trainable parameters, and the gradient bookkeeping (partial sums, the gather's
+    slice backward, the 1/S scale after it) does not compose across graphs yet (a test run gave 2x
+    the gradient of the output head on 2 ranks). A recompilation of the same forward (another
+    resolution, another batch size) holds the same parameters and is a whole forward again: allowed.
     Inference is unaffected: outputs stay exact."""
-    if not (params and torch.is_grad_enabled()):
+    if not (names and torch.is_grad_enabled()):
         return
-    count = ctx.state.get("sp_training_graphs", 0) + 1
-    ctx.state["sp_training_graphs"] = count
-    if count > 1:
+    first = ctx.state.setdefault("sp_training_params", names)
+    if names != first:
         from osp_compile.errors import OSPUnsupportedError
 
         raise OSPUnsupportedError(
             f"sequence_parallel={ctx.config.sequence_parallel!r} training: the forward was split into several graphs "
-            f"(a Dynamo graph break; this is graph {count} with trainable parameters), and SP gradients are exact "
-            f"only within one graph. Remove the graph break (torch._dynamo.explain(model)(*args) names it), or run "
-            f"this module under torch.no_grad() (inference stays exact), or train without sequence_parallel.")
+            f"(a Dynamo graph break: this graph trains {len(names)} parameter(s), an earlier one {len(first)} "
+            f"others), and SP gradients are exact only within one graph. Remove the graph break "
+            f"(torch._dynamo.explain(model)(*args) names it), or run this module under torch.no_grad() (inference "
+            f"stays exact), or train without sequence_parallel.")
 
 
 def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
@@ -72,7 +77,7 @@ def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
     from osp_compile.distributed import sp_grad_sync
 
     params = _trainable_params(gm)
-    _refuse_split_training(ctx, params)
+    _refuse_split_training(ctx, _param_names(params))
     if not _has_sharded_region(gm):  # all replicated (one graph): every rank already holds the full gradient
         return gm, PassReport("sp_grad_sync", "no sharded region in this graph: gradients are already whole on every rank")
     for p in params:

@@ -236,3 +236,53 @@ def test_joint_attention_models_refuse_sp_or_run_replicated_as_asked():
     summaries = {p.name: p.summary for g in report.graphs for p in g.passes}
     assert "running replicated on every rank" in summaries["token_layout"]
     assert "gradients are already whole" in summaries["sp_grad_sync"]  # no all-reduce: no S-fold gradients
+
+
+def _second_resolution_worker(rank, world):
+    model = build_model("tiny", num_layers=4, seed=1)
+    inputs = [make_inputs(PRESETS["tiny"], seed=2), make_inputs(PRESETS["tiny"], latent_shape=(3, 8, 12), seed=3)]
+    config = OSPConfig(num_full_blocks=2)
+    refs = []
+    for args, kwargs in inputs:  # single process, one conversion per resolution
+        torch._dynamo.reset()
+        model.zero_grad()
+        out = convert(model, args, kwargs, config)(*args, **kwargs)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+        (out * weight).sum().backward()
+        refs.append((out.detach(), weight, _grads(model)))
+    torch._dynamo.reset()
+    sp = convert(model, *inputs[0], config.replace(sequence_parallel="ssp"))
+    result = []
+    for (args, kwargs), (out_ref, weight, g_ref) in zip(inputs, refs):  # the second call recompiles
+        model.zero_grad()
+        out = sp(*args, **kwargs)
+        (out * weight).sum().backward()
+        result.append({"out": rel_err(out.detach(), out_ref), "grad": max(_grad_errors(_grads(model), g_ref).values())})
+    return result
+
+
+def test_ssp_training_at_a_second_resolution_equals_single_process(tmp_path):
+    """A recompilation for another resolution is a whole forward again: trained under SSP it gives
+    the single-process outputs and gradients (the guard against split forwards lets it through)."""
+    for res in run_ranks(_second_resolution_worker, 2, tmp_path, timeout_s=240):
+        assert "error" not in res, res.get("trace")
+        assert all(r["out"] <= 1e-5 and r["grad"] <= 1e-5 for r in res), res
+
+
+def test_sp_training_guard_allows_recompiles_and_refuses_split_forwards():
+    """Keyed by the trained parameters: a recompilation of the same forward (a second resolution)
+    trains the same ones and passes; a graph that trains others is a split forward and is refused."""
+    from types import SimpleNamespace
+
+    from osp_compile.errors import OSPUnsupportedError
+    from passes.sp_grad_sync import _refuse_split_training
+
+    ctx = SimpleNamespace(state={}, config=OSPConfig(sequence_parallel="ssp"))
+    whole = frozenset({"blocks.0.self_attn.q.weight", "head.weight"})
+    with torch.enable_grad():
+        _refuse_split_training(ctx, whole)
+        _refuse_split_training(ctx, whole)  # the same forward, recompiled
+        with torch.no_grad():
+            _refuse_split_training(ctx, frozenset({"head.weight"}))  # inference: never refused
+        with pytest.raises(OSPUnsupportedError, match="exact only within one graph"):
+            _refuse_split_training(ctx, frozenset({"head.weight"}))
