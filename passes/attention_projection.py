@@ -35,7 +35,7 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 def _swaps_heads_and_tokens(node: fx.Node) -> bool:
     """``x.transpose(1, 2)`` (or -3/-2, or ``permute(0, 2, 1, 3)``) of a 4-d [B, heads, S, D] tensor."""
     name = op_name(node)
-    args = [a for a in node.args[1:]]
+    args = list(node.args[1:])
     if name in _TRANSPOSES:
         dims = {d % 4 for d in args[:2] if isinstance(d, int)}
         return dims == {1, 2}
@@ -45,8 +45,11 @@ def _swaps_heads_and_tokens(node: fx.Node) -> bool:
     return False
 
 
-def _head_merge_reader(attention: fx.Node) -> tuple[fx.Node | None, str]:
-    """(the linear that reads the site's merged heads, "") or (None, why not)."""
+def _head_merge_reader(attention: fx.Node, calls: dict[fx.Node, dict]) -> tuple[fx.Node | None, str]:
+    """(the linear that reads the site's merged heads, "") or (None, why not). ``calls``: the graph's
+    linear calls by node (`fx_utils.linear_calls`)."""
+    if len(shape_of(attention) or ()) != 4:
+        return None, "the attention output has no recorded [B, heads, S, D] shape"
     swap = _only_user(attention)
     if swap is None or not _swaps_heads_and_tokens(swap):
         return None, "the attention output is read by something other than one head-merging transpose"
@@ -59,7 +62,6 @@ def _head_merge_reader(attention: fx.Node) -> tuple[fx.Node | None, str]:
             or shape[0] != batch or shape[2] != heads * head_dim):
         return None, "the transposed output is not reshaped to [B, S, heads * head_dim] alone"
     linear = _only_user(merged)
-    calls = {c["node"]: c for c in linear_calls(merged.graph.owning_module)} if linear is not None else {}
     call = calls.get(linear)
     if call is None or call["input"] is not merged:
         return None, "the merged heads are not read by one linear alone"
@@ -71,10 +73,11 @@ def _head_merge_reader(attention: fx.Node) -> tuple[fx.Node | None, str]:
 def attention_projection_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
     g = gm.graph
     rows = []
+    calls = {c["node"]: c for c in linear_calls(gm)}
     for node in list(g.nodes):
         if node.op != "call_function" or node.target is not folded_attention:
             continue
-        linear, why = _head_merge_reader(node)
+        linear, why = _head_merge_reader(node, calls)
         if linear is None:
             rows.append({"site": node.name, "projection": "-", "decision": f"kept: {why}"})
             continue
