@@ -29,8 +29,18 @@ from typing import Callable
 
 import torch
 
-VARIANTS = ("dense-eager", "dense-inductor", "dense-osp", "osp-convert", "osp-backend", "osp-unfused", "osp-hif8",
-            "osp-hif8-fast", "osp-no-relayout")
+VARIANT_HELP = {
+    "dense-eager": "the model as written, eager",
+    "dense-inductor": "torch.compile (Inductor): the baseline of every ratio",
+    "dense-osp": "every site dense, through the osp backend: only the fusions into linears apply",
+    "osp-convert": "osp_compile.convert()",
+    "osp-backend": 'torch.compile(backend="osp")',
+    "osp-unfused": "osp-backend with fuse_linears=False",
+    "osp-hif8": "osp-backend with HiF8 inference linears (FP8 tensor cores on CUDA)",
+    "osp-hif8-fast": "osp-hif8 with fp8_fast_accum=True",
+    "osp-no-relayout": "ablation: relayouts replaced by identity (output invalid, timing only)",
+}
+VARIANTS = tuple(VARIANT_HELP)
 BACKEND_OPTIONS = {
     "osp-backend": {},
     "osp-no-relayout": {},
@@ -42,7 +52,7 @@ BACKEND_OPTIONS = {
 """Variants compiled with the osp backend, and their options beyond the preset's sparse layout.
 ``dense-osp`` keeps every site dense: what the backend's other rewrites (the fusions into linears)
 give a model without Skiparse, so that the Skiparse share of a speedup can be told apart."""
-ABLATIONS = {"osp-no-relayout": "ablation: relayouts replaced by identity (output invalid, timing only)"}
+ABLATIONS = {"osp-no-relayout": VARIANT_HELP["osp-no-relayout"]}
 
 
 @dataclass

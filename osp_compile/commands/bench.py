@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench import VARIANTS
+from ..bench import VARIANT_HELP, VARIANTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -11,10 +11,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", default="480p", help="480p, 720p or 768p (81 frames)")
     p.add_argument("--layers", type=int, default=None, help="layer-reduced model (the table says so)")
     p.add_argument("--num-full-blocks", type=int, default=None, help="default: the paper's 14B ratio, 8 of 40")
-    p.add_argument("--sparse-ratio", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--sparse-ratio", type=int, default=2, help="P: P*P subsequences per frame grid")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of: " + "; ".join(f"{v} ({h})" for v, h in VARIANT_HELP.items()))
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
+    p.add_argument("--iters", type=int, default=5, help="timed steps; the table gives their median")
     p.add_argument("--device", default="cuda", help="cuda (timings to report) or cpu (smoke test only)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
     p.add_argument("--json", default=None, help="write the result here (rewritten after each variant)")
