@@ -20,11 +20,10 @@ import torch.fx as fx
 
 from osp_compile.ops import folded_attention, folded_attention_linear
 from osp_compile.report import PassReport
-from .fx_utils import call_args, linear_calls, op_name, shape_of
+from .analysis import _RESHAPES, _kind_of
+from .fx_utils import call_args, linear_calls, shape_of
 
-_TRANSPOSES = {"transpose", "method:transpose", "swapaxes", "method:swapaxes"}
-_PERMUTES = {"permute", "method:permute"}
-_RESHAPES = {"reshape", "method:reshape", "view", "method:view", "flatten", "method:flatten"}
+_TRANSPOSES = {"transpose", "swapaxes", "swapdims"}
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -34,12 +33,12 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 def _swaps_heads_and_tokens(node: fx.Node) -> bool:
     """``x.transpose(1, 2)`` (or -3/-2, or ``permute(0, 2, 1, 3)``) of a 4-d [B, heads, S, D] tensor."""
-    name = op_name(node)
+    kind = _kind_of(node, node.graph.owning_module)
     args = list(node.args[1:])
-    if name in _TRANSPOSES:
+    if kind in _TRANSPOSES:
         dims = {d % 4 for d in args[:2] if isinstance(d, int)}
         return dims == {1, 2}
-    if name in _PERMUTES:
+    if kind == "permute":
         dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         return [d % 4 if isinstance(d, int) else d for d in dims] == [0, 2, 1, 3]
     return False
@@ -48,17 +47,19 @@ def _swaps_heads_and_tokens(node: fx.Node) -> bool:
 def _head_merge_reader(attention: fx.Node, calls: dict[fx.Node, dict]) -> tuple[fx.Node | None, str]:
     """(the linear that reads the site's merged heads, "") or (None, why not). ``calls``: the graph's
     linear calls by node (`fx_utils.linear_calls`)."""
-    if len(shape_of(attention) or ()) != 4:
+    attention_shape = shape_of(attention)
+    if len(attention_shape or ()) != 4:
         return None, "the attention output has no recorded [B, heads, S, D] shape"
+    batch, heads, _, head_dim = attention_shape
     swap = _only_user(attention)
     if swap is None or not _swaps_heads_and_tokens(swap):
         return None, "the attention output is read by something other than one head-merging transpose"
+    gm = attention.graph.owning_module
     merged = _only_user(swap)
-    if merged is not None and op_name(merged) in ("contiguous", "method:contiguous"):
+    if merged is not None and _kind_of(merged, gm) == "contiguous":
         merged = _only_user(merged)
-    batch, heads, _, head_dim = shape_of(attention)
     shape = shape_of(merged) if merged is not None else None
-    if (merged is None or op_name(merged) not in _RESHAPES or shape is None or len(shape) != 3
+    if (merged is None or _kind_of(merged, gm) not in _RESHAPES or shape is None or len(shape) != 3
             or shape[0] != batch or shape[2] != heads * head_dim):
         return None, "the transposed output is not reshaped to [B, S, heads * head_dim] alone"
     linear = _only_user(merged)
@@ -82,11 +83,9 @@ def attention_projection_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, 
             rows.append({"site": node.name, "projection": "-", "decision": f"kept: {why}"})
             continue
         a = call_args(linear, ["input", "weight", "bias"], {"bias": None})
-        options = call_args(node, ["q", "k", "v", "T", "H", "W", "P", "pattern", "rank", "world"])
-        with g.inserting_before(linear):
-            fused = g.call_function(folded_attention_linear, (
-                *node.args[:8], a["weight"], a["bias"], options.get("rank", 0), options.get("world", 1)),
-                {k: v for k, v in node.kwargs.items() if k not in ("rank", "world")})
+        with g.inserting_before(linear):  # the same arguments, with the projection's after the first eight
+            fused = g.call_function(folded_attention_linear,
+                                    (*node.args[:8], a["weight"], a["bias"], *node.args[8:]), dict(node.kwargs))
         fused.meta.update(linear.meta)
         linear.replace_all_uses_with(fused)
         chain = [linear]
