@@ -215,10 +215,11 @@ def profile_breakdown(fn: Callable, device: str, top: int = 40) -> dict:
     whole = sum(totals.values()) or 1.0
     out = {k: {"ms": round(v, 3), "share": round(v / whole, 4)} for k, v in sorted(totals.items())}
     out["top_kernels"] = [{"ms": round(ms, 3), "calls": c, "name": name[:120]} for ms, c, name in sorted(kernels, reverse=True)[:top]]
-    out["attention_calls_ms"] = attention_calls(prof) if device == "cuda" else []
+    out["attention_calls_ms"] = []
     if device == "cuda":
-        out["timeline"] = timeline([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                                    if e.device_type == torch.autograd.DeviceType.CUDA])
+        gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["attention_calls_ms"] = attention_calls(gpu)
+        out["timeline"] = timeline([(e.time_range.start, e.time_range.end, e.name) for e in gpu])
     return out
 
 
@@ -247,12 +248,11 @@ def timeline(intervals: list[tuple[float, float, str]], largest: int = 8) -> dic
                                                 for us, a, b in gaps[:largest]]}
 
 
-def attention_calls(prof) -> list[dict]:
-    """Each attention-kernel launch of the step in order (ms and kernel name): which sites are dense,
-    sparse (one launch per length class) or cross-attention shows in the sequence, and so does a
-    site that runs slower in the model than its kernel alone."""
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-              and categorize(e.name) == "attention"]
+def attention_calls(gpu_events) -> list[dict]:
+    """Each attention-kernel launch of the step in order (ms and kernel name), from the profiler's
+    GPU events: which sites are dense, sparse (one launch per length class) or cross-attention shows
+    in the sequence, and so does a site that runs slower in the model than its kernel alone."""
+    events = [e for e in gpu_events if categorize(e.name) == "attention"]
     events.sort(key=lambda e: e.time_range.start)
     return [{"ms": round(e.time_range.elapsed_us() / 1e3, 3), "name": e.name[:60]} for e in events]
 
@@ -276,6 +276,12 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
     grid = token_grid(cfg, latent_shape(resolution))
     config = OSPConfig(sparse_ratio=sparse_ratio, layout="dual_end", num_full_blocks=full)
     timer = step_timer(device)
+    setup = {  # what every result (and a partial one) says about the run
+        "preset": preset, "resolution": resolution, "layers": total, "full_blocks": full, "sparse_ratio": sparse_ratio,
+        "grid": grid, "tokens": grid[0] * grid[1] * grid[2], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": str(dtype), "warmup": warmup, "iters": iters,
+        "layer_reduced": layers is not None and layers != cfg.num_layers,
+    }
     rows: list[Row] = []
 
     def make(variant: str) -> Callable:
@@ -330,8 +336,7 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         if progress:
             iterator.write(f"  {variant}: median {row.median_ms} ms, compiled in {row.compile_s} s {row.note}".rstrip())
         if partial_json:
-            dump({"preset": preset, "resolution": resolution, "layers": total, "partial": True,
-                  "rows": [asdict(r) for r in rows]}, partial_json)
+            dump({**setup, "partial": True, "rows": [asdict(r) for r in rows]}, partial_json)
     base = next((r.median_ms for r in rows if r.variant == "dense-inductor" and r.median_ms), None)
     for r in rows:
         if base and r.median_ms and r.variant not in ABLATIONS:
@@ -341,13 +346,7 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
     if "osp-backend" in timed and "osp-no-relayout" in timed:
         ms = timed["osp-backend"] - timed["osp-no-relayout"]
         layout_cost = {"ms": round(ms, 2), "share_of_step": round(ms / timed["osp-backend"], 4)}
-    return {
-        "preset": preset, "resolution": resolution, "layers": total, "full_blocks": full, "sparse_ratio": sparse_ratio,
-        "grid": grid, "tokens": grid[0] * grid[1] * grid[2], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "dtype": str(dtype), "warmup": warmup, "iters": iters,
-        "layer_reduced": layers is not None and layers != cfg.num_layers,
-        "layout_cost": layout_cost, "rows": [asdict(r) for r in rows],
-    }
+    return {**setup, "layout_cost": layout_cost, "rows": [asdict(r) for r in rows]}
 
 
 def table(result: dict) -> str:
