@@ -15,7 +15,10 @@ gathers into neighbouring norms, so no kernel is "the relayout"): the ablation `
 compiles the same OSP graph with every relayout replaced by the identity - the same kernels on the
 same shapes, since a packed layout has exactly the natural layout's shape on one device - and the
 difference to ``osp-backend`` is the cost of rearranging and switching. Padding costs nothing by
-construction (packed layouts carry no padded row).
+construction (packed layouts carry no padded row). The ablation ``osp-hif8-no-actquant`` measures
+HiF8's activation quantization the same way: ``osp-hif8-fast`` with every FP8 linear replaying
+the E4M3 activation it got in the first step instead of quantizing its input again, so the difference bounds what any fusion of the
+quantization (into the norms, into the GEMM) could give the step.
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ VARIANT_HELP = {
     "osp-unfused": "osp-backend with fuse_linears=False",
     "osp-hif8": "osp-backend with HiF8 inference linears (FP8 tensor cores on CUDA)",
     "osp-hif8-fast": "osp-hif8 with fp8_fast_accum=True",
+    "osp-hif8-unfused": "osp-hif8-fast with fuse_linears=False",
     "osp-no-relayout": "ablation: relayouts replaced by identity (output invalid, timing only)",
+    "osp-hif8-no-actquant": "ablation: osp-hif8-fast, FP8 linears replay the first step's E4M3 activations (timing only; use --layers)",
 }
 VARIANTS = tuple(VARIANT_HELP)
 BACKEND_OPTIONS = {
@@ -47,12 +52,24 @@ BACKEND_OPTIONS = {
     "osp-unfused": {"fuse_linears": False},
     "osp-hif8": {"quant": "hif8-infer"},
     "osp-hif8-fast": {"quant": "hif8-infer", "fp8_fast_accum": True},
+    "osp-hif8-unfused": {"quant": "hif8-infer", "fp8_fast_accum": True, "fuse_linears": False},
     "dense-osp": {"layout": "dense"},
+    "osp-hif8-no-actquant": {"quant": "hif8-infer", "fp8_fast_accum": True},
 }
 """Variants compiled with the osp backend, and their options beyond the preset's sparse layout.
 ``dense-osp`` keeps every site dense: what the backend's other rewrites (the fusions into linears)
 give a model without Skiparse, so that the Skiparse share of a speedup can be told apart."""
-ABLATIONS = {"osp-no-relayout": VARIANT_HELP["osp-no-relayout"]}
+
+@dataclass(frozen=True)
+class Ablation:
+    """A timing-only variant: `of` compiled and run with one piece of work taken out by `patch`
+    (a context manager active while it compiles and runs; what it yields, if not None, is called
+    once the first step has run). ``of - ablation`` is what that work costs in the step, kernels
+    and power cap included."""
+
+    of: str
+    work: str
+    patch: Callable[[], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -193,6 +210,55 @@ def relayouts_as_identity():
         ops.relayout_local = real
 
 
+@contextlib.contextmanager
+def activations_prequantized():
+    """While active, a HiF8 linear on FP8 tensor cores skips its activation quantization (the absmax
+    pass and the quantize pass) and multiplies an E4M3 tensor quantized beforehand (the ablation
+    variant ``osp-hif8-no-actquant``). The first step (the one that compiles) quantizes as usual and
+    keeps every result in call order; once the bench calls the function this yields, each later
+    step replays them, the n-th call getting the n-th result. Every step takes the same inputs, so
+    each GEMM multiplies exactly the bits it multiplies in ``osp-hif8-fast``: that matters, because
+    the tensor cores' power depends on those bits and the step runs at the power cap (fixed or
+    random E4M3 inputs moved the clock and made a 10-block 14B step 1.7-2.2% slower, quantization
+    passes removed). Holds one step's quantized activations on the GPU (about 3 GB a 14B block at
+    720P): use it with ``--layers``."""
+    from .hif8 import fp8
+
+    real = fp8._activation_e4m3
+    recorded: list = []
+    replayed: int | None = None  # calls since the first step ended; None while it runs
+
+    def prequantized(x: torch.Tensor, *how) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal replayed
+        if replayed is None:
+            recorded.append(real(x, *how))
+            return recorded[-1]
+        result = recorded[replayed % len(recorded)]
+        replayed += 1
+        if result[0].shape != (x.numel() // x.shape[-1], x.shape[-1]):
+            raise RuntimeError("osp-hif8-no-actquant: a step called the FP8 linears in another order than the first")
+        return result
+
+    def first_step_done() -> None:
+        nonlocal replayed
+        if not recorded:
+            raise RuntimeError("osp-hif8-no-actquant: the first step ran no FP8 linear (no CUDA FP8 path here)")
+        replayed = 0
+
+    fp8._activation_e4m3 = prequantized
+    try:
+        yield first_step_done
+    finally:
+        fp8._activation_e4m3 = real
+
+
+ABLATIONS = {
+    "osp-no-relayout": Ablation("osp-backend", "rearranging and switching", relayouts_as_identity),
+    "osp-hif8-no-actquant": Ablation("osp-hif8-fast", "HiF8 activation quantization", activations_prequantized),
+}
+"""Timing-only variants, by name (their outputs are invalid, so no speedup is given for them)."""
+
+
 def profile_breakdown(fn: Callable, device: str, top: int = 40) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -304,14 +370,14 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
 
         iterator = tqdm(variants, desc="bench", unit="variant")
     for variant in iterator:
-        row = Row(variant, note=ABLATIONS.get(variant, ""))
-        ablation = relayouts_as_identity() if variant == "osp-no-relayout" else contextlib.nullcontext()
+        ablation = ABLATIONS.get(variant)
+        row = Row(variant, note=VARIANT_HELP[variant] if ablation else "")
         try:
             torch._dynamo.reset()
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad(), ablation:
+            with torch.no_grad(), (ablation.patch() if ablation else contextlib.nullcontext()) as first_step_done:
                 t0 = time.perf_counter()
                 fn = make(variant)
                 step = functools.partial(fn, *args, **kwargs)
@@ -319,6 +385,8 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
                 if device == "cuda":
                     torch.cuda.synchronize()
                 row.compile_s = round(time.perf_counter() - t0, 1)
+                if first_step_done is not None:
+                    first_step_done()
                 for _ in range(warmup):
                     step()
                 with GPUSampler(device) as sampler:
@@ -342,11 +410,10 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         if base and r.median_ms and r.variant not in ABLATIONS:
             r.speedup_vs_inductor = round(base / r.median_ms, 3)
     timed = {r.variant: r.median_ms for r in rows if r.median_ms}
-    layout_cost = None
-    if "osp-backend" in timed and "osp-no-relayout" in timed:
-        ms = timed["osp-backend"] - timed["osp-no-relayout"]
-        layout_cost = {"ms": round(ms, 2), "share_of_step": round(ms / timed["osp-backend"], 4)}
-    return {**setup, "layout_cost": layout_cost, "rows": [asdict(r) for r in rows]}
+    costs = [{"work": a.work, "of": a.of, "ablation": name, "ms": round(timed[a.of] - timed[name], 2),
+              "share_of_step": round((timed[a.of] - timed[name]) / timed[a.of], 4)}
+             for name, a in ABLATIONS.items() if a.of in timed and name in timed]
+    return {**setup, "ablation_costs": costs, "rows": [asdict(r) for r in rows]}
 
 
 def table(result: dict) -> str:
@@ -361,10 +428,11 @@ def table(result: dict) -> str:
              "SM MHz / W / power-capped": _gpu_state_cell(r.get("gpu_state") or {}), "note": r["note"]}
             for r in result["rows"]]
     lines = [head, format_table(rows)]
-    cost = result.get("layout_cost")
-    if cost:
-        lines.append(f"  layout cost (osp-backend - osp-no-relayout): {cost['ms']} ms = "
-                     f"{100 * cost['share_of_step']:.1f}% of the OSP step; padding: none (packed layouts)")
+    for cost in result.get("ablation_costs", ()):
+        lines.append(f"  cost of {cost['work']} ({cost['of']} - {cost['ablation']}): {cost['ms']} ms = "
+                     f"{100 * cost['share_of_step']:.1f}% of the {cost['of']} step")
+    if any(c["ablation"] == "osp-no-relayout" for c in result.get("ablation_costs", ())):
+        lines.append("  padding: none (packed layouts carry no padded row)")
     for r in result["rows"]:
         if r["breakdown"]:
             parts = ", ".join(f"{k} {v['ms']} ms ({100 * v['share']:.1f}%)" for k, v in r["breakdown"].items()

@@ -40,10 +40,13 @@ class OSPConfig:
         quantization itself is ~4e-2). Other targets ignore it.
     fuse_permutations: move the Skiparse rearrangement onto the hidden state (one permutation per
         pattern switch) instead of rearranging q, k, v and the output at every sparse site.
-    fuse_linears: fold neighbours into linears where the result is exact: a GELU into the GEMM that
-        feeds it (``osp::linear_gelu``; cuBLASLt's epilogue on CUDA), and a packed sparse site's
-        output projection into the site, per length class, so that the classes' outputs are never
-        concatenated (``osp::folded_attention_linear``). False keeps the model's own calls.
+    fuse_linears: fold neighbours into linears where the result is the same computation: a GELU into
+        the GEMM that feeds it (``osp::linear_gelu``; cuBLASLt's epilogue on CUDA), or in a HiF8
+        inference model into the next linear's activation quantization (``osp::gelu_hif8_linear``;
+        on CUDA the GELU output is never written; its float32 GELU can round to the neighbouring
+        bfloat16 value where PyTorch's does not), and a packed sparse site's output projection into
+        the site, per length class, so that the classes' outputs are never concatenated
+        (``osp::folded_attention_linear``). False keeps the model's own calls.
     sequence_parallel: None, ``ssp`` (Sparse Sequence Parallelism) or ``ulysses`` (the baseline);
         needs torch.distributed initialised. sp_group: the process group (None = the world).
     lora_rank, lora_alpha, lora_targets: LoRA adapters added as a pass (rank 0: none); targets are

@@ -18,10 +18,12 @@ def test_gpu_sampler_summarises_clock_power_and_power_cap():
     assert bench.GPUSampler("cpu").__enter__().summary() == {}
 
 
-def test_table_shows_speedup_gpu_state_and_layout_cost():
+def test_table_shows_speedup_gpu_state_and_ablation_costs():
     result = {"preset": "wan-14b", "resolution": "720p", "grid": [21, 45, 80], "tokens": 75600, "layers": 40,
               "layer_reduced": False, "full_blocks": 8, "sparse_ratio": 2, "dtype": "torch.bfloat16",
-              "device": "H100", "torch": "2.11", "iters": 2, "layout_cost": {"ms": 2.2, "share_of_step": 0.001},
+              "device": "H100", "torch": "2.11", "iters": 2,
+              "ablation_costs": [{"work": "rearranging and switching", "of": "osp-backend", "ablation": "osp-no-relayout",
+                                  "ms": 2.2, "share_of_step": 0.001}],
               "rows": [{"variant": "dense-inductor", "median_ms": 100.0, "min_ms": 99.0, "speedup_vs_inductor": 1.0,
                         "compile_s": 1.0, "peak_gib": 1.0, "note": "", "breakdown": {},
                         "gpu_state": {"sm_mhz_median": 1590.0, "power_w_median": 696.4, "power_capped_share": 1.0}},
@@ -31,7 +33,8 @@ def test_table_shows_speedup_gpu_state_and_layout_cost():
                                       "attention_calls_ms": [{"ms": 27.5, "name": "cudnn"}]}}]}
     text = bench.table(result)
     assert "1590 / 696 / 100%" in text and "1.818" in text
-    assert "0.1% of the OSP step" in text
+    assert "cost of rearranging and switching (osp-backend - osp-no-relayout): 2.2 ms = 0.1% of the osp-backend step" in text
+    assert "padding: none" in text
     assert "profile osp-backend: attention 30.0 ms (60.0%)" in text and "attention_calls" not in text
 
 
@@ -54,3 +57,34 @@ def test_timeline_counts_overlaps_once_and_names_the_gaps():
     assert t["span_ms"] == 0.6 and t["busy_ms"] == 0.31 and t["idle_ms"] == 0.29 and t["gaps"] == 2
     assert t["largest_gaps"][0] == {"us": 280.0, "after": "side", "before": "attention"}
     assert timeline([]) == {}
+
+
+def test_prequantized_activations_replay_the_first_step_in_call_order():
+    """The ``osp-hif8-no-actquant`` ablation: the first step quantizes as usual; later steps get
+    its E4M3 activations back call by call without reading x (a NaN x changes nothing); a step
+    that calls the linears in another order is refused; outside the context x is quantized again."""
+    import pytest
+    import torch
+
+    from osp_compile.hif8 import fp8, inference
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=gen)
+    weight = fp8.transcode_weight(*inference.quantize_weight(w))
+    x, wide = torch.randn(2, 8, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    step = lambda a, b: (fp8.fp8_linear(a, weight, reuse_activation=False), fp8.fp8_linear(b, weight))
+    real = step(x, wide)
+    with bench.activations_prequantized() as first_step_done:
+        with pytest.raises(RuntimeError, match="no FP8 linear"):
+            first_step_done()
+        first = step(x, wide)
+        first_step_done()
+        for _ in range(2):
+            replayed = step(torch.full_like(x, float("nan")), torch.randn(3, 64, generator=gen))
+            assert all(torch.equal(r, f) for r, f in zip(replayed, first))
+        with pytest.raises(RuntimeError, match="another order"):
+            step(wide, x)
+    assert all(torch.equal(r, f) for r, f in zip(real, first))
+    exact = x @ w.T
+    assert (step(x, wide)[0] - exact).norm() < 0.1 * exact.norm()
+    assert not step(torch.full_like(x, float("nan")), wide)[0].isfinite().all()  # quantizes again

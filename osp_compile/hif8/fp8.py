@@ -26,10 +26,11 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import api, codec, triton_kernels
-from .group import group_amax
+from .group import group_amax, reduce_amax
 from .qat import X_SCALE_MAX
 
 E4M3_MAX = 448.0
@@ -123,45 +124,66 @@ def act_shift(scale_max: float = X_SCALE_MAX) -> int:
 
 
 def quantize_act_e4m3_reference(x: torch.Tensor, scale_max: float = X_SCALE_MAX,
-                                amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                amax: torch.Tensor | None = None,
+                                gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x8, dequant)``: E4M3 ``HiF8(x * s) * 2^k`` and float32 0-dim ``1 / (s * 2^k)``, in torch ops.
 
     ``s = scale_max / max|x|`` as in the QAT forward (``max|x|`` given as ``amax`` where ``x`` is
     one shard of the tensor); values below E4M3's window round to nearest even there (they are
-    < 2^-9 / 240 of the largest).  Zeros may come out as -0."""
+    < 2^-9 / 240 of the largest).  Zeros may come out as -0.  ``gelu``: quantize
+    ``F.gelu(x, approximate=gelu)`` instead (``amax`` is then that of the GELU output)."""
+    if gelu is not None:
+        x = F.gelu(x, approximate=gelu)
     k = act_shift(scale_max)
     s = api.per_tensor_scale(x, scale_max, amax)
     q = codec.quantize(x.detach().to(torch.float32) * s)
     return (q * 2.0 ** k).to(torch.float8_e4m3fn), (1.0 / (s * 2.0 ** k)).reshape(())
 
 
-def quantize_act_e4m3(x: torch.Tensor, scale_max: float = X_SCALE_MAX,
-                      amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_act_e4m3_reference`, as the fused Triton kernel on CUDA."""
-    if x.device.type == "cuda" and triton_kernels.triton_available(x.device):
+def _fused_kernels(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and triton_kernels.triton_available(x.device)
+
+
+def quantize_act_e4m3(x: torch.Tensor, scale_max: float = X_SCALE_MAX, amax: torch.Tensor | None = None,
+                      gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_act_e4m3_reference`, as the fused Triton kernels on CUDA."""
+    if _fused_kernels(x):
         from .triton_fp8 import quantize_act_e4m3_triton
 
-        return quantize_act_e4m3_triton(x, scale_max, amax)
-    return quantize_act_e4m3_reference(x, scale_max, amax)
+        return quantize_act_e4m3_triton(x, scale_max, amax, gelu)
+    return quantize_act_e4m3_reference(x, scale_max, amax, gelu)
 
 
-_LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, group, (x8, dequant))
+def _group_amax(x: torch.Tensor, group: str, gelu: str | None) -> torch.Tensor | None:
+    """``group.group_amax`` of ``x``, or of ``F.gelu(x)`` computed without writing it (on CUDA)."""
+    if not group or gelu is None:
+        return group_amax(x, group)
+    if _fused_kernels(x):
+        from .triton_fp8 import absmax_triton
+
+        return reduce_amax(absmax_triton(x, gelu), group)
+    return group_amax(F.gelu(x, approximate=gelu), group)
 
 
-def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_act_e4m3`` of ``x`` [..., K] as [M, K] (scaled over the SP ``group``); with
-    ``reuse``, the result of the previous call when ``x`` is the same, unmodified tensor: the q, k
-    and v projections of a block read one ``x``, which is then quantized once (and its absmax
-    all-reduced once: every rank runs the same calls, so they hit or miss alike).  One entry, held
-    by a weak reference to ``x`` (a freed ``x`` can never match) and its version counter (an
-    in-place write invalidates it).  Only a call with the same ``group`` reuses it."""
+_LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, (group, gelu), (x8, dequant))
+
+
+def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str,
+                     gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_act_e4m3`` of ``x`` [..., K] as [M, K] (scaled over the SP ``group``; of
+    ``F.gelu(x)`` with ``gelu``); with ``reuse``, the result of the previous call when ``x`` is the
+    same, unmodified tensor: the q, k and v projections of a block read one ``x``, which is then
+    quantized once (and its absmax all-reduced once: every rank runs the same calls, so they hit or
+    miss alike).  One entry, held by a weak reference to ``x`` (a freed ``x`` can never match) and
+    its version counter (an in-place write invalidates it).  Only a call with the same ``group``
+    and ``gelu`` reuses it."""
     global _LAST_ACTIVATION
     if reuse and _LAST_ACTIVATION is not None:
-        ref, version, last_group, result = _LAST_ACTIVATION
-        if ref() is x and x._version == version and last_group == group:
+        ref, version, how, result = _LAST_ACTIVATION
+        if ref() is x and x._version == version and how == (group, gelu):
             return result
-    result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]), X_SCALE_MAX, group_amax(x, group))
-    _LAST_ACTIVATION = (weakref.ref(x), x._version, group, result) if reuse else None
+    result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]), X_SCALE_MAX, _group_amax(x, group, gelu), gelu)
+    _LAST_ACTIVATION = (weakref.ref(x), x._version, (group, gelu), result) if reuse else None
     return result
 
 
@@ -171,8 +193,10 @@ def scaled_mm_supported(device: torch.device) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = None,
-               use_fast_accum: bool = False, reuse_activation: bool = True, group: str = "") -> torch.Tensor:
-    """``HiF8(x) @ W^T + bias`` on E4M3 operands, in ``x``'s dtype.
+               use_fast_accum: bool = False, reuse_activation: bool = True, group: str = "",
+               gelu: str | None = None) -> torch.Tensor:
+    """``HiF8(x) @ W^T + bias`` on E4M3 operands, in ``x``'s dtype (``HiF8(F.gelu(x)) @ ...`` with
+    ``gelu``, F.gelu's ``approximate``: the GELU runs inside the quantization's passes).
 
     ``torch._scaled_mm`` where supported and the shapes allow (in/out features multiples of 16;
     rows are padded to 16), else emulated in float32.  ``use_fast_accum`` (Hopper's faster,
@@ -181,7 +205,7 @@ def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = 
     group ``x``'s tokens are split over ("" for one process; ``group.py``)."""
     k = x.shape[-1]
     n = weight.data.shape[0]
-    x8, x_dequant = _activation_e4m3(x, reuse_activation, group)
+    x8, x_dequant = _activation_e4m3(x, reuse_activation, group, gelu)
     if scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
         m = x8.shape[0]
         pad = -m % 16

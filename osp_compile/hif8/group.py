@@ -46,7 +46,12 @@ def group_amax(x: torch.Tensor, group: str) -> torch.Tensor | None:
     all ranks then see a non-finite max and use scale 1, as one process would."""
     if not group:
         return None
-    amax = codec.absmax(x)
+    return reduce_amax(codec.absmax(x), group)
+
+
+def reduce_amax(amax: torch.Tensor, group: str) -> torch.Tensor:
+    """The MAX over the ranks of ``group`` of a float32 0-dim ``max|x|`` of this rank's shard (see
+    `group_amax`, which computes it from ``x``); a NaN becomes +Inf first."""
     amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
     dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=_resolve(group))
     return amax

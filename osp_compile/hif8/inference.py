@@ -58,11 +58,15 @@ def hif8_linear_reference(x: torch.Tensor, codes: torch.Tensor, bias: Optional[t
 
 
 HIF8_LINEAR_SCHEMA = '(Tensor x, Tensor codes, Tensor? bias, Tensor scale, str group="") -> Tensor'
+GELU_HIF8_LINEAR_SCHEMA = ('(Tensor x, Tensor codes, Tensor? bias, Tensor scale, str group="", '
+                           'str approximate="none") -> Tensor')
+"""``osp::gelu_hif8_linear``: ``osp::hif8_linear(F.gelu(x, approximate=approximate), ...)``."""
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, codes, bias, scale, _ = inputs
-    ctx.save_for_backward(codes, scale)
+    x, codes, bias, scale, *rest = inputs  # rest: (group,), or (group, approximate) with a GELU prologue
+    ctx.approximate = rest[1] if len(rest) > 1 else None
+    ctx.save_for_backward(codes, scale, x if ctx.approximate is not None else None)
     ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
 
@@ -71,30 +75,50 @@ def _backward(ctx, grad: torch.Tensor):
     """Straight-through for ``x`` (gradient of the dequantized linear), so adapters or inputs
     upstream of a frozen HiF8 model (LoRA beside it) still train; the codes get no gradient.
     Linear in ``grad``, so no scale (and no collective) is involved under sequence parallelism.
+    With a GELU prologue, the GELU's own derivative follows.
     AOTAutograd traces this: the decode is the torch codec (Triton cannot run on fake tensors)."""
-    codes, scale = ctx.saved_tensors
-    grad_x = grad @ dequantize_weight(codes, scale, ctx.x_dtype, backend="torch") if ctx.needs_input_grad[0] else None
+    codes, scale, x = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ dequantize_weight(codes, scale, ctx.x_dtype, backend="torch")
+        if ctx.approximate is not None:
+            grad_x = torch.ops.aten.gelu_backward(grad_x, x, approximate=ctx.approximate)
     grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_x, None, grad_b, None, None
+    return (grad_x, None, grad_b, None, None) + ((None,) if ctx.approximate is not None else ())
 
 
-def hif8_linear_op(qualname: str, impl):
-    """``impl(x, codes, bias, scale, group)`` as an opaque custom op with the semantics of
-    ``osp::hif8_linear``: fake implementation (shapes only) and the straight-through backward.
+def hif8_linear_op(qualname: str, impl, schema: str = HIF8_LINEAR_SCHEMA):
+    """``impl(x, codes, bias, scale, group[, approximate])`` as an opaque custom op with the
+    semantics of ``osp::hif8_linear`` (or, with ``GELU_HIF8_LINEAR_SCHEMA``, of
+    ``osp::gelu_hif8_linear``): fake implementation (shapes only) and the straight-through backward.
 
     ``osp::hif8_linear`` itself and each per-target kernel (``lowering/hif8_kernels.py``) are
     made here, so that Dynamo, AOTAutograd and Inductor see one node per linear whatever the
     target, never trace into Triton / cuBLAS / torch_npu calls, and every kernel differentiates
     the same way."""
-    op = torch.library.custom_op(qualname, lambda x, codes, bias, scale, group="": impl(x, codes, bias, scale, group)
-                                 .contiguous(), mutates_args=(), schema=HIF8_LINEAR_SCHEMA)
-    op.register_fake(lambda x, codes, bias, scale, group="": x.new_empty((*x.shape[:-1], codes.shape[0])))
+    op = torch.library.custom_op(qualname, lambda x, codes, bias, scale, *rest: impl(x, codes, bias, scale, *rest)
+                                 .contiguous(), mutates_args=(), schema=schema)
+    op.register_fake(lambda x, codes, bias, scale, *rest: x.new_empty((*x.shape[:-1], codes.shape[0])))
     op.register_autograd(_backward, setup_context=_setup_context)
     return op
 
 
 hif8_linear = hif8_linear_op("osp::hif8_linear", hif8_linear_reference)
 """HiF8-weight linear (see the module docstring); its own implementation is the portable reference."""
+
+torch.library.define("osp::gelu_hif8_linear", GELU_HIF8_LINEAR_SCHEMA)
+
+
+@torch.library.impl("osp::gelu_hif8_linear", "CompositeImplicitAutograd")
+def _gelu_hif8_linear(x, codes, bias, scale, group="", approximate="none"):
+    """``osp::hif8_linear(F.gelu(x, approximate=approximate), codes, bias, scale, group)`` as one node
+    (``passes/gelu_hif8_linear.py``), so that a target can apply the GELU inside the activation's
+    quantization instead of writing and reading its output (CUDA: ``hif8/triton_fp8.py``). As a
+    composite, autograd and other targets see the two calls."""
+    return hif8_linear(F.gelu(x, approximate=approximate), codes, bias, scale, group)
+
+
+gelu_hif8_linear = torch.ops.osp.gelu_hif8_linear.default
 
 
 class HiF8WeightStore(nn.Module):

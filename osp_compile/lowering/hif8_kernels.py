@@ -12,6 +12,9 @@ activation by the group's absmax (``hif8/group.py``: one all-reduce MAX of a 0-d
   and the features are multiples of 16 -- weights transcoded to E4M3 once (``hif8/fp8.py``),
   activations by a fused Triton kernel, ``torch._scaled_mm``; otherwise the Triton GEMM that
   decodes the codes in-kernel (``hif8/triton_gemm.py``).
+* ``osp::gelu_hif8_linear`` (the FFN's second linear with its GELU) on ``cuda``: the same kernels,
+  with the GELU applied inside the activation's quantization passes (``hif8/triton_fp8.py``); on
+  ``cpu`` and ``npu``, ``F.gelu`` and then that target's ``osp::hif8_linear`` kernel.
 * ``npu`` (``osp_npu::hif8_linear``): Ascend 950 multiplies HiF8 natively:
   ``torch_npu.npu_quant_matmul(x1, x2, scale, *, pertoken_scale, bias, output_dtype, x1_dtype,
   x2_dtype)`` with ``x1_dtype = x2_dtype = torch_npu.hifloat8`` (T-T mode, documented as
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from osp_compile.hif8 import api, fp8, inference, triton_gemm, triton_kernels
 from osp_compile.hif8.group import group_amax
@@ -37,19 +41,27 @@ from .registry import register_kernel
 
 
 def hif8_linear_cuda_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                          scale: torch.Tensor, group: str = "", fast_accum: bool = False) -> torch.Tensor:
-    """FP8 tensor cores (``_scaled_mm``) where possible, else the Triton decode GEMM."""
+                          scale: torch.Tensor, group: str = "", gelu: str | None = None,
+                          fast_accum: bool = False) -> torch.Tensor:
+    """FP8 tensor cores (``_scaled_mm``) where possible, else the Triton decode GEMM. ``gelu``
+    (``osp::gelu_hif8_linear``'s ``approximate``): GELU first, inside the FP8 path's quantization."""
     n, k = codes.shape
     if fp8.scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
-        return fp8.fp8_linear(x, fp8.cached_e4m3_weight(codes, scale), bias, use_fast_accum=fast_accum, group=group)
+        return fp8.fp8_linear(x, fp8.cached_e4m3_weight(codes, scale), bias, use_fast_accum=fast_accum, group=group,
+                              gelu=gelu)
+    if gelu is not None:
+        x = F.gelu(x, approximate=gelu)
     return triton_gemm.hif8_linear_triton(x, codes, bias, scale, group)
 
 
 def hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                         scale: torch.Tensor, group: str = "") -> torch.Tensor:
-    """``torch_npu.npu_quant_matmul`` on HiF8 x HiF8 (see the module docstring)."""
+                         scale: torch.Tensor, group: str = "", gelu: str | None = None) -> torch.Tensor:
+    """``torch_npu.npu_quant_matmul`` on HiF8 x HiF8 (see the module docstring), after ``F.gelu``
+    with ``gelu`` (its own kernel there)."""
     import torch_npu
 
+    if gelu is not None:
+        x = F.gelu(x, approximate=gelu)
     n, k = codes.shape
     x_scale = api.per_tensor_scale(x, X_SCALE_MAX, group_amax(x, group))
     x_hif8 = torch_npu.npu_dtype_cast(x.reshape(-1, k).to(torch.float32) * x_scale, torch_npu.hifloat8)
@@ -65,7 +77,14 @@ def hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tenso
 hif8_linear_cuda = inference.hif8_linear_op("osp_cuda::hif8_linear", hif8_linear_cuda_impl)
 hif8_linear_cuda_fast_accum = inference.hif8_linear_op(
     "osp_cuda::hif8_linear_fast_accum", functools.partial(hif8_linear_cuda_impl, fast_accum=True))
+gelu_hif8_linear_cuda = inference.hif8_linear_op(
+    "osp_cuda::gelu_hif8_linear", hif8_linear_cuda_impl, inference.GELU_HIF8_LINEAR_SCHEMA)
+gelu_hif8_linear_cuda_fast_accum = inference.hif8_linear_op(
+    "osp_cuda::gelu_hif8_linear_fast_accum", functools.partial(hif8_linear_cuda_impl, fast_accum=True),
+    inference.GELU_HIF8_LINEAR_SCHEMA)
 hif8_linear_npu = inference.hif8_linear_op("osp_npu::hif8_linear", hif8_linear_npu_impl)
+gelu_hif8_linear_npu = inference.hif8_linear_op(
+    "osp_npu::gelu_hif8_linear", hif8_linear_npu_impl, inference.GELU_HIF8_LINEAR_SCHEMA)
 
 
 def _cuda_check(node) -> str | None:
@@ -85,5 +104,12 @@ register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (_scaled_mm, 
                 check=_fast_accum_check)(torch.ops.osp_cuda.hif8_linear_fast_accum.default)
 register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (_scaled_mm) / Triton decode GEMM",
                 check=_cuda_check)(torch.ops.osp_cuda.hif8_linear.default)
+register_kernel("gelu_hif8_linear", "cuda", name="GELU in the HiF8 quantization + FP8 tensor cores (fast accumulation)",
+                check=_fast_accum_check)(torch.ops.osp_cuda.gelu_hif8_linear_fast_accum.default)
+register_kernel("gelu_hif8_linear", "cuda", name="GELU in the HiF8 quantization + FP8 tensor cores / Triton decode GEMM",
+                check=_cuda_check)(torch.ops.osp_cuda.gelu_hif8_linear.default)
 register_kernel("hif8_linear", "npu", name="torch_npu.npu_quant_matmul (HiF8 x HiF8)",
                 imports=("import torch_npu",))(torch.ops.osp_npu.hif8_linear.default)
+register_kernel("gelu_hif8_linear", "cpu", name="GELU + HiF8 reference")(torch.ops.osp.gelu_hif8_linear.default)
+register_kernel("gelu_hif8_linear", "npu", name="GELU + torch_npu.npu_quant_matmul (HiF8 x HiF8)",
+                imports=("import torch_npu",))(torch.ops.osp_npu.gelu_hif8_linear.default)

@@ -1,0 +1,179 @@
+"""GELU folded into a HiF8 linear's activation quantization (``osp::gelu_hif8_linear``, under
+``OSPConfig(quant="hif8-infer", fuse_linears=True)``): the pass, the op's composite against the
+unfused conversion (outputs and gradients), the Triton passes with a GELU prologue against a
+float64 GELU (interpreted on CPU, compiled on CUDA), the sequence-parallel scale, and the kernels
+lowering picks per target."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from osp_compile import OSPConfig, convert
+from osp_compile.hif8 import fp8, group, inference, triton_kernels
+from osp_compile.lowering import hif8_kernels
+from osp_compile.lowering.registry import kernels_for
+from osp_compile.oracle import rel_err
+from reference_model import PRESETS, build_model, make_inputs
+from test_hif8_infer import install_fake_torch_npu
+
+needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+LATENT = (2, 8, 16)
+
+
+def _rows(report, name):
+    return [r for g in report.graphs for p in g.passes if p.name == name for r in p.rows]
+
+
+def _convert(fuse: bool):
+    model = build_model("tiny", num_layers=2, seed=3)
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=4)
+    x = args[0].clone().requires_grad_(True)
+    converted = convert(model, (x, *args[1:]), kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", fuse_linears=fuse))
+    return model, converted, (x, *args[1:]), kwargs
+
+
+def test_pass_fuses_each_ffn_and_equals_the_unfused_conversion_with_gradients():
+    """CPU runs the op's composite (F.gelu, then the HiF8 reference): the same computation as the
+    unfused graph, so outputs and input gradients (straight-through, then GELU's derivative) match."""
+    outs = {}
+    for fuse in (False, True):
+        model, converted, args, kwargs = _convert(fuse)
+        rows = _rows(converted.osp_report, "gelu_hif8_linear")  # the planned graph's (a call may capture again)
+        if fuse:
+            assert [r["weight"] for r in rows] == [f"blocks.{i}.ffn.2.weight" for i in range(2)]
+            assert {r["approximate"] for r in rows} == {"tanh"}
+            lowered = [r for r in _rows(converted.osp_report, "lowering") if r["op"] == "osp::gelu_hif8_linear"]
+            assert [r["kernel"] for r in lowered] == ["GELU + HiF8 reference"] * 2
+        else:
+            assert rows == []
+        out = converted(*args, **kwargs)
+        out.square().mean().backward()
+        outs[fuse] = (out.detach(), args[0].grad)
+    assert rel_err(outs[True][0], outs[False][0]) <= 1e-6
+    assert rel_err(outs[True][1], outs[False][1]) <= 1e-6 and outs[True][1].abs().sum() > 0
+
+
+def test_gelu_read_elsewhere_is_left_alone():
+    """A GELU output that another node also reads must be written: no fusion."""
+    class FFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = F.gelu(self.up(x), approximate="tanh")
+            return self.down(h) + h[..., :32]
+
+    from osp_compile.backend import osp_backend, report_for
+
+    options = {"quant": "hif8-infer", "quant_exclude": [], "layout": "dense"}
+    torch._dynamo.reset()
+    torch.compile(FFN(), backend=osp_backend, options=options)(torch.randn(2, 5, 32))
+    report = report_for(options)
+    assert len(_rows(report, "hif8_linear")) == 2 and _rows(report, "gelu_hif8_linear") == []
+
+
+def _gelu_case(dtype, n=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))).to(dtype)
+    x[:4] = torch.tensor([0.0, -12.0, 12.0, -0.1]).to(dtype)
+    return x
+
+
+def _float64_gelu_quantized(x, approximate):
+    """The reference: GELU in float64, rounded once to x's dtype, then the HiF8 activation quantization."""
+    return fp8.quantize_act_e4m3_reference(F.gelu(x.double(), approximate=approximate).to(x.dtype), 15.0)
+
+
+def _check_gelu_quantization(got, got_dq, want, want_dq):
+    """Same scale bit for bit (the max element's GELU is exact); an element may differ where the
+    float32 GELU rounded to the neighbouring value of x's dtype and the HiF8 rounding followed."""
+    assert got.dtype == torch.float8_e4m3fn and torch.equal(got_dq, want_dq)
+    differ = got.float() != want.float()
+    assert differ.float().mean() <= 2e-3
+    assert ((got.float() - want.float()).abs()[differ] <= want.float().abs()[differ] / 4 + 2 ** -9).all()
+
+
+@needs_interp
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_prologue_interpreted_against_float64_gelu(approximate, dtype):
+    from osp_compile.hif8.triton_fp8 import absmax_triton, quantize_act_e4m3_triton
+
+    x = _gelu_case(dtype)
+    want, want_dq = _float64_gelu_quantized(x, approximate)
+    _check_gelu_quantization(*quantize_act_e4m3_triton(x, 15.0, gelu=approximate), want, want_dq)
+    assert torch.equal(absmax_triton(x, approximate), F.gelu(x.double(), approximate=approximate).to(dtype).abs().amax().float())
+    with pytest.raises(ValueError, match="approximate"):
+        quantize_act_e4m3_triton(x, 15.0, gelu="sigmoid")
+
+
+def test_fp8_linear_with_gelu_equals_the_reference_composition():
+    """CPU (emulated FP8 path): ``fp8_linear(x, gelu=a)`` is ``hif8_linear(F.gelu(x, a))``, and the
+    reuse of a quantized activation never hands the plain quantization to a GELU call."""
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(40, 64, generator=g), torch.randn(32, 64, generator=g) / 8, torch.randn(32, generator=g)
+    codes, scale = inference.quantize_weight(w)
+    weight = fp8.transcode_weight(codes, scale)
+    plain = fp8.fp8_linear(x, weight, b)
+    fused = fp8.fp8_linear(x, weight, b, gelu="tanh")  # same x right after: must not reuse `plain`'s
+    assert rel_err(fused, inference.hif8_linear_reference(F.gelu(x, approximate="tanh"), codes, b, scale)) <= 1e-6
+    assert rel_err(plain, inference.hif8_linear_reference(x, codes, b, scale)) <= 1e-6
+
+
+def test_gelu_prologue_scales_over_the_group(monkeypatch):
+    """Under sequence parallelism the scale is the group's max of the GELU output (the all-reduce
+    emulated: the other rank's shard has max |GELU| = 40)."""
+    monkeypatch.setattr(group, "_resolve", lambda name: name)
+    monkeypatch.setattr(group.dist, "all_reduce", lambda t, op, group: t.clamp_(min=40.0))
+    x = _gelu_case(torch.float32, n=64 * 8).reshape(64, 8)
+    got, got_dq = fp8._activation_e4m3(x, False, "peer", "tanh")
+    want, want_dq = fp8.quantize_act_e4m3_reference(x, 15.0, torch.tensor(40.0), gelu="tanh")
+    assert torch.equal(got.float(), want.float()) and torch.equal(got_dq, want_dq)
+    assert not torch.equal(got_dq, fp8._activation_e4m3(x, False, "", "tanh")[1])
+
+
+def test_kernels_per_target():
+    names = {t: [k.name for k in kernels_for("gelu_hif8_linear", t)] for t in ("cpu", "cuda", "npu")}
+    assert names["cpu"] == ["GELU + HiF8 reference"]
+    assert [("fast accumulation" in n) for n in names["cuda"]] == [True, False]
+    assert "npu_quant_matmul" in names["npu"][0]
+
+
+def test_npu_kernel_applies_the_gelu_then_the_documented_calls(monkeypatch):
+    calls = install_fake_torch_npu(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(6, 5, 64, generator=g), torch.randn(32, 64, generator=g) / 8
+    codes, scale = inference.quantize_weight(w)
+    got = hif8_kernels.gelu_hif8_linear_npu(x, codes, None, scale, "", "tanh")
+    assert calls == ["npu_dtype_cast", "npu_quant_matmul"] and got.shape == (6, 5, 32)
+    want = inference.hif8_linear_reference(F.gelu(x, approximate="tanh"), codes, None, scale)
+    assert rel_err(got, want) <= 1e-6
+
+
+@needs_cuda
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_prologue_on_cuda_against_float64_gelu(approximate):
+    from osp_compile.hif8.triton_fp8 import quantize_act_e4m3_triton
+
+    x = _gelu_case(torch.bfloat16, n=1 << 20, seed=5)
+    want, want_dq = _float64_gelu_quantized(x, approximate)
+    got, got_dq = quantize_act_e4m3_triton(x.cuda(), 15.0, gelu=approximate)
+    _check_gelu_quantization(got.cpu(), got_dq.cpu(), want, want_dq)
+
+
+@needs_cuda
+def test_cuda_kernel_and_its_backward_against_the_composite():
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(300, 512, generator=g) * 2).to(torch.bfloat16)
+    w, b = torch.randn(256, 512, generator=g) / 16, torch.randn(256, generator=g).to(torch.bfloat16)
+    codes, scale = inference.quantize_weight(w)
+    xc = x.cuda().requires_grad_(True)
+    got = hif8_kernels.gelu_hif8_linear_cuda(xc, codes.cuda(), b.cuda(), scale.cuda(), "", "tanh")
+    xr = x.float().requires_grad_(True)
+    want = inference.gelu_hif8_linear(xr, codes, b.float(), scale, "", "tanh")
+    assert rel_err(got.detach().float().cpu(), want.detach()) <= 2e-2
+    got.float().sum().backward()
+    want.sum().backward()
+    assert rel_err(xc.grad.float().cpu(), xr.grad) <= 2e-2
