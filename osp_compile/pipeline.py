@@ -114,9 +114,10 @@ def default_passes(config: OSPConfig) -> list[GraphPass]:
     if config.fuse_linears:
         from passes.attention_projection import attention_projection_pass
         from passes.gelu_hif8_linear import gelu_hif8_linear_pass
+        from passes.hif8_absmax import hif8_absmax_pass
         from passes.linear_gelu import linear_gelu_pass
 
-        pipeline += [attention_projection_pass, linear_gelu_pass, gelu_hif8_linear_pass]
+        pipeline += [attention_projection_pass, linear_gelu_pass, gelu_hif8_linear_pass, hif8_absmax_pass]
     from passes.lowering import lowering_pass; pipeline.append(lowering_pass)  # noqa: E702  (last: kernels per target)
     return pipeline
 

@@ -132,10 +132,12 @@ class _SPRoles:
 
 def _set_sp_args(node: fx.Node, extra: tuple) -> None:
     """Give a HiF8 op already in the graph the SP arguments ``extra`` (replacing any it had)."""
-    names = [a.name for a in node.target._schema.arguments]
-    given = call_args(node, names)
-    node.args = tuple(given[n] for n in names if n not in ("group", "replicated")) + extra
-    node.kwargs = {}
+    schema = node.target._schema.arguments
+    names = [a.name for a in schema]
+    given = call_args(node, names, {a.name: a.default_value for a in schema if a.has_default_value()})
+    head = names[:names.index("group")]  # positional; what follows the SP arguments goes by name
+    node.args = tuple(given[n] for n in head) + extra
+    node.kwargs = {n: given[n] for n in names[len(head):] if n not in ("group", "replicated") and given[n] is not None}
 
 
 def _relayout(n: fx.Node) -> dict | None:

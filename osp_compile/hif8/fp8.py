@@ -154,10 +154,13 @@ def quantize_act_e4m3(x: torch.Tensor, scale_max: float = X_SCALE_MAX, amax: tor
     return quantize_act_e4m3_reference(x, scale_max, amax, gelu)
 
 
-def _group_amax(x: torch.Tensor, group: str, gelu: str | None) -> torch.Tensor | None:
-    """``group.group_amax`` of ``x``, or of ``F.gelu(x)`` computed without writing it (on CUDA)."""
-    if not group or gelu is None:
-        return group_amax(x, group)
+def _group_amax(x: torch.Tensor, group: str, gelu: str | None, amax: torch.Tensor | None) -> torch.Tensor | None:
+    """``group.group_amax`` of ``x`` (``amax``: this shard's, computed by the caller), or of
+    ``F.gelu(x)`` computed without writing it (on CUDA)."""
+    if gelu is None:
+        return group_amax(x, group, amax)
+    if not group:
+        return None
     if _fused_kernels(x):
         from .triton_fp8 import absmax_triton
 
@@ -168,10 +171,10 @@ def _group_amax(x: torch.Tensor, group: str, gelu: str | None) -> torch.Tensor |
 _LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, (group, gelu), (x8, dequant))
 
 
-def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str,
-                     gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str, gelu: str | None = None,
+                     amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_act_e4m3`` of ``x`` [..., K] as [M, K] (scaled over the SP ``group``; of
-    ``F.gelu(x)`` with ``gelu``); with ``reuse``, the result of the previous call when ``x`` is the
+    ``F.gelu(x)`` with ``gelu``; ``amax``: ``max|x|`` computed by the caller); with ``reuse``, the result of the previous call when ``x`` is the
     same, unmodified tensor: the q, k and v projections of a block read one ``x``, which is then
     quantized once (and its absmax all-reduced once: every rank runs the same calls, so they hit or
     miss alike).  One entry, held by a weak reference to ``x`` (a freed ``x`` can never match) and
@@ -182,7 +185,7 @@ def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str,
         ref, version, how, result = _LAST_ACTIVATION
         if ref() is x and x._version == version and how == (group, gelu):
             return result
-    result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]), X_SCALE_MAX, _group_amax(x, group, gelu), gelu)
+    result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]), X_SCALE_MAX, _group_amax(x, group, gelu, amax), gelu)
     _LAST_ACTIVATION = (weakref.ref(x), x._version, (group, gelu), result) if reuse else None
     return result
 
@@ -194,7 +197,7 @@ def scaled_mm_supported(device: torch.device) -> bool:
 
 def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = None,
                use_fast_accum: bool = False, reuse_activation: bool = True, group: str = "",
-               gelu: str | None = None) -> torch.Tensor:
+               gelu: str | None = None, amax: torch.Tensor | None = None) -> torch.Tensor:
     """``HiF8(x) @ W^T + bias`` on E4M3 operands, in ``x``'s dtype (``HiF8(F.gelu(x)) @ ...`` with
     ``gelu``, F.gelu's ``approximate``: the GELU runs inside the quantization's passes).
 
@@ -202,10 +205,11 @@ def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = 
     rows are padded to 16), else emulated in float32.  ``use_fast_accum`` (Hopper's faster,
     less precise FP8 accumulation) only affects ``_scaled_mm``.  ``reuse_activation``: see
     `_activation_e4m3` (benchmarks of one linear turn it off).  ``group``: the sequence-parallel
-    group ``x``'s tokens are split over ("" for one process; ``group.py``)."""
+    group ``x``'s tokens are split over ("" for one process; ``group.py``).  ``amax``: this
+    rank's ``max|x|`` where the graph computed it (``passes/hif8_absmax.py``)."""
     k = x.shape[-1]
     n = weight.data.shape[0]
-    x8, x_dequant = _activation_e4m3(x, reuse_activation, group, gelu)
+    x8, x_dequant = _activation_e4m3(x, reuse_activation, group, gelu, amax)
     if scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
         m = x8.shape[0]
         pad = -m % 16

@@ -37,16 +37,18 @@ def _resolve(group: str) -> dist.ProcessGroup:
         ) from exc
 
 
-def group_amax(x: torch.Tensor, group: str) -> torch.Tensor | None:
+def group_amax(x: torch.Tensor, group: str, amax: torch.Tensor | None = None) -> torch.Tensor | None:
     """float32 0-dim ``max|x|`` over the shards of ``x`` on every rank of the process group named
-    ``group``, or None for ``group=""`` (the caller then takes ``x``'s own, without a collective).
+    ``group``; for ``group=""``, ``amax`` (the caller then takes ``x``'s own where it is None,
+    without a collective). ``amax``: this shard's ``max|x|``, computed in the graph
+    (``passes/hif8_absmax.py``), else here.
 
     Every rank of the group must call it, in the same order (they run the same graph).  A NaN
     becomes +Inf before the reduce, since a MAX over NaN is not specified alike by every backend:
     all ranks then see a non-finite max and use scale 1, as one process would."""
     if not group:
-        return None
-    return reduce_amax(codec.absmax(x), group)
+        return None if amax is None else amax.to(torch.float32).reshape(())
+    return reduce_amax(codec.absmax(x) if amax is None else amax.to(torch.float32).reshape(()), group)
 
 
 def reduce_amax(amax: torch.Tensor, group: str) -> torch.Tensor:

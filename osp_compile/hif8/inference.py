@@ -1,6 +1,6 @@
 """HiF8 inference linear: weights stored once as HiF8 codes plus a per-tensor scale.
 
-    osp::hif8_linear(x, codes, bias, scale, group="") = fq(x, 15) @ (decode(codes) / scale)^T + bias
+    osp::hif8_linear(x, codes, bias, scale, group="", amax=None) = fq(x, 15) @ (decode(codes) / scale)^T + bias
 
 ``codes`` (uint8, [out, in]) are the HiF8 codes of ``W * scale``, ``scale = 15 / max|W|``
 (float32, 0-dim), so ``decode(codes) / scale`` is bit for bit the QAT forward's ``fq(W, 15)``;
@@ -21,6 +21,7 @@ graph module and read with ``get_attr`` nodes, so a code change (``load_hif8_sta
 by every compiled graph without recompiling.  Its ``state_dict`` is the deployable artefact:
 `hif8_state_dict` / `load_hif8_state_dict` (safetensors-friendly: plain named tensors).
 """
+import functools
 from typing import Any, Optional
 
 import torch
@@ -51,21 +52,22 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 
 def hif8_linear_reference(x: torch.Tensor, codes: torch.Tensor, bias: Optional[torch.Tensor],
-                          scale: torch.Tensor, group: str = "") -> torch.Tensor:
+                          scale: torch.Tensor, group: str = "", amax: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The op's meaning in plain torch: quantize ``x`` per tensor, decode the weight, float matmul."""
-    x_q = api.quantize_scaled(x, X_SCALE_MAX, amax=group_amax(x, group))
+    x_q = api.quantize_scaled(x, X_SCALE_MAX, amax=group_amax(x, group, amax))
     return F.linear(x_q, dequantize_weight(codes, scale, x.dtype), bias)
 
 
-HIF8_LINEAR_SCHEMA = '(Tensor x, Tensor codes, Tensor? bias, Tensor scale, str group="") -> Tensor'
+HIF8_LINEAR_SCHEMA = '(Tensor x, Tensor codes, Tensor? bias, Tensor scale, str group="", Tensor? amax=None) -> Tensor'
+"""``amax``: ``max|x|`` of this rank's ``x``, where the graph computes it (``passes/hif8_absmax.py``)."""
 GELU_HIF8_LINEAR_SCHEMA = ('(Tensor x, Tensor codes, Tensor? bias, Tensor scale, str group="", '
                            'str approximate="none") -> Tensor')
 """``osp::gelu_hif8_linear``: ``osp::hif8_linear(F.gelu(x, approximate=approximate), ...)``."""
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, codes, bias, scale, *rest = inputs  # rest: (group,), or (group, approximate) with a GELU prologue
-    ctx.approximate = rest[1] if len(rest) > 1 else None
+def _setup_context(ctx, inputs, output, gelu: bool) -> None:
+    x, codes, bias, scale, _, last = inputs  # last: amax, or with a GELU prologue its approximate
+    ctx.approximate = last if gelu else None
     ctx.save_for_backward(codes, scale, x if ctx.approximate is not None else None)
     ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
@@ -84,11 +86,11 @@ def _backward(ctx, grad: torch.Tensor):
         if ctx.approximate is not None:
             grad_x = torch.ops.aten.gelu_backward(grad_x, x, approximate=ctx.approximate)
     grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return (grad_x, None, grad_b, None, None) + ((None,) if ctx.approximate is not None else ())
+    return grad_x, None, grad_b, None, None, None
 
 
 def hif8_linear_op(qualname: str, impl, schema: str = HIF8_LINEAR_SCHEMA):
-    """``impl(x, codes, bias, scale, group[, approximate])`` as an opaque custom op with the
+    """``impl(x, codes, bias, scale, group, amax | approximate)`` as an opaque custom op with the
     semantics of ``osp::hif8_linear`` (or, with ``GELU_HIF8_LINEAR_SCHEMA``, of
     ``osp::gelu_hif8_linear``): fake implementation (shapes only) and the straight-through backward.
 
@@ -99,7 +101,7 @@ def hif8_linear_op(qualname: str, impl, schema: str = HIF8_LINEAR_SCHEMA):
     op = torch.library.custom_op(qualname, lambda x, codes, bias, scale, *rest: impl(x, codes, bias, scale, *rest)
                                  .contiguous(), mutates_args=(), schema=schema)
     op.register_fake(lambda x, codes, bias, scale, *rest: x.new_empty((*x.shape[:-1], codes.shape[0])))
-    op.register_autograd(_backward, setup_context=_setup_context)
+    op.register_autograd(_backward, setup_context=functools.partial(_setup_context, gelu=schema == GELU_HIF8_LINEAR_SCHEMA))
     return op
 
 

@@ -94,11 +94,11 @@ def hif8_gemm(a_codes: torch.Tensor, b_codes: torch.Tensor, dequant: torch.Tenso
 
 
 def hif8_linear_triton(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                       scale: torch.Tensor, group: str = "") -> torch.Tensor:
+                       scale: torch.Tensor, group: str = "", amax: torch.Tensor | None = None) -> torch.Tensor:
     """``osp::hif8_linear`` on the decode GEMM: encode ``x`` (scale 15, over the SP ``group``'s
-    absmax where ``x`` is a shard: ``group.py``), then `hif8_gemm`."""
+    absmax where ``x`` is a shard: ``group.py``; ``amax`` as there), then `hif8_gemm`."""
     k = x.shape[-1]
     x_codes, x_scale = api.encode_scaled(x.reshape(-1, k), X_SCALE_MAX, backend="triton",
-                                         amax=group_amax(x, group))
+                                         amax=group_amax(x, group, amax))
     out = hif8_gemm(x_codes, codes, 1.0 / (x_scale * scale.to(torch.float32)), bias, x.dtype)
     return out.reshape(*x.shape[:-1], codes.shape[0])

@@ -1,4 +1,4 @@
-"""Kernels of ``osp::hif8_linear(x, codes, bias, scale, group)`` per target (``register_kernel``).
+"""Kernels of ``osp::hif8_linear(x, codes, bias, scale, group, amax)`` per target (``register_kernel``).
 
 Each computes what the op computes (``osp_compile/hif8/inference.py``): the activation quantized
 per tensor with scale_max 15, times the HiF8 weight ``decode(codes) / scale``, plus bias.  Each
@@ -41,29 +41,33 @@ from .registry import register_kernel
 
 
 def hif8_linear_cuda_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                          scale: torch.Tensor, group: str = "", gelu: str | None = None,
-                          fast_accum: bool = False) -> torch.Tensor:
+                          scale: torch.Tensor, group: str = "", amax: torch.Tensor | None = None, *,
+                          gelu: str | None = None, fast_accum: bool = False) -> torch.Tensor:
     """FP8 tensor cores (``_scaled_mm``) where possible, else the Triton decode GEMM. ``gelu``
     (``osp::gelu_hif8_linear``'s ``approximate``): GELU first, inside the FP8 path's quantization."""
     n, k = codes.shape
     if fp8.scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
         return fp8.fp8_linear(x, fp8.cached_e4m3_weight(codes, scale), bias, use_fast_accum=fast_accum, group=group,
-                              gelu=gelu)
+                              gelu=gelu, amax=amax)
     if gelu is not None:
         x = F.gelu(x, approximate=gelu)
-    return triton_gemm.hif8_linear_triton(x, codes, bias, scale, group)
+    return triton_gemm.hif8_linear_triton(x, codes, bias, scale, group, amax)
+
+
+def gelu_hif8_linear_cuda_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
+                               scale: torch.Tensor, group: str = "", approximate: str = "none",
+                               fast_accum: bool = False) -> torch.Tensor:
+    """``osp::gelu_hif8_linear``: `hif8_linear_cuda_impl` with the GELU inside the quantization."""
+    return hif8_linear_cuda_impl(x, codes, bias, scale, group, gelu=approximate, fast_accum=fast_accum)
 
 
 def hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                         scale: torch.Tensor, group: str = "", gelu: str | None = None) -> torch.Tensor:
-    """``torch_npu.npu_quant_matmul`` on HiF8 x HiF8 (see the module docstring), after ``F.gelu``
-    with ``gelu`` (its own kernel there)."""
+                         scale: torch.Tensor, group: str = "", amax: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch_npu.npu_quant_matmul`` on HiF8 x HiF8 (see the module docstring)."""
     import torch_npu
 
-    if gelu is not None:
-        x = F.gelu(x, approximate=gelu)
     n, k = codes.shape
-    x_scale = api.per_tensor_scale(x, X_SCALE_MAX, group_amax(x, group))
+    x_scale = api.per_tensor_scale(x, X_SCALE_MAX, group_amax(x, group, amax))
     x_hif8 = torch_npu.npu_dtype_cast(x.reshape(-1, k).to(torch.float32) * x_scale, torch_npu.hifloat8)
     out = torch_npu.npu_quant_matmul(
         x_hif8, codes.t(), (1.0 / scale.to(torch.float32)).reshape(1),
@@ -78,13 +82,19 @@ hif8_linear_cuda = inference.hif8_linear_op("osp_cuda::hif8_linear", hif8_linear
 hif8_linear_cuda_fast_accum = inference.hif8_linear_op(
     "osp_cuda::hif8_linear_fast_accum", functools.partial(hif8_linear_cuda_impl, fast_accum=True))
 gelu_hif8_linear_cuda = inference.hif8_linear_op(
-    "osp_cuda::gelu_hif8_linear", hif8_linear_cuda_impl, inference.GELU_HIF8_LINEAR_SCHEMA)
+    "osp_cuda::gelu_hif8_linear", gelu_hif8_linear_cuda_impl, inference.GELU_HIF8_LINEAR_SCHEMA)
 gelu_hif8_linear_cuda_fast_accum = inference.hif8_linear_op(
-    "osp_cuda::gelu_hif8_linear_fast_accum", functools.partial(hif8_linear_cuda_impl, fast_accum=True),
+    "osp_cuda::gelu_hif8_linear_fast_accum", functools.partial(gelu_hif8_linear_cuda_impl, fast_accum=True),
     inference.GELU_HIF8_LINEAR_SCHEMA)
 hif8_linear_npu = inference.hif8_linear_op("osp_npu::hif8_linear", hif8_linear_npu_impl)
+def gelu_hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
+                              scale: torch.Tensor, group: str = "", approximate: str = "none") -> torch.Tensor:
+    """``F.gelu`` (its own kernel there), then `hif8_linear_npu_impl`."""
+    return hif8_linear_npu_impl(F.gelu(x, approximate=approximate), codes, bias, scale, group)
+
+
 gelu_hif8_linear_npu = inference.hif8_linear_op(
-    "osp_npu::gelu_hif8_linear", hif8_linear_npu_impl, inference.GELU_HIF8_LINEAR_SCHEMA)
+    "osp_npu::gelu_hif8_linear", gelu_hif8_linear_npu_impl, inference.GELU_HIF8_LINEAR_SCHEMA)
 
 
 def _cuda_check(node) -> str | None:

@@ -1,8 +1,12 @@
-"""GELU folded into a HiF8 linear's activation quantization (``osp::gelu_hif8_linear``, under
-``OSPConfig(quant="hif8-infer", fuse_linears=True)``): the pass, the op's composite against the
-unfused conversion (outputs and gradients), the Triton passes with a GELU prologue against a
-float64 GELU (interpreted on CPU, compiled on CUDA), the sequence-parallel scale, and the kernels
-lowering picks per target."""
+"""The HiF8 inference fusions of ``OSPConfig(quant="hif8-infer", fuse_linears=True)``.
+
+GELU folded into a HiF8 linear's activation quantization (``osp::gelu_hif8_linear``): the pass,
+the op's composite against the unfused conversion (outputs and gradients), the Triton passes with
+a GELU prologue against a float64 GELU (interpreted on CPU, compiled on CUDA), the
+sequence-parallel scale, and the kernels lowering picks per target.
+
+The activation's absmax as graph ops (``passes/hif8_absmax.py``): one max per activation, the
+same outputs, and every kernel taking the given max (``amax``) as the whole tensor's."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +17,8 @@ from osp_compile.lowering import hif8_kernels
 from osp_compile.lowering.registry import kernels_for
 from osp_compile.oracle import rel_err
 from reference_model import PRESETS, build_model, make_inputs
-from test_hif8_infer import install_fake_torch_npu
+from osp_compile.hif8 import triton_gemm
+from test_hif8_infer import _linear_case, install_fake_torch_npu
 
 needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -177,3 +182,57 @@ def test_cuda_kernel_and_its_backward_against_the_composite():
     got.float().sum().backward()
     want.sum().backward()
     assert rel_err(xc.grad.float().cpu(), xr.grad) <= 2e-2
+
+
+# ------------------------------------------------------------------- the absmax in the graph
+
+def test_absmax_pass_one_max_per_activation_and_the_same_outputs():
+    """q, k and v share their input's max; every HiF8 linear gets one; outputs and input gradients
+    are those of the unfused conversion bit for bit (the same max, computed elsewhere)."""
+    outs = {}
+    for fuse in (False, True):
+        model, converted, args, kwargs = _convert(fuse)
+        rows = _rows(converted.osp_report, "hif8_absmax")
+        if fuse:
+            readers = [r["readers"].split(", ") for r in rows]
+            assert [len(r) for r in readers[:3]] == [3, 1, 1]  # self-attention q/k/v, its output, cross q
+            hif8 = [n for n in converted.osp_report.graphs[0].module.graph.nodes
+                    if n.target is torch.ops.osp.hif8_linear.default]
+            assert all(n.kwargs.get("amax") is not None for n in hif8) and len(hif8) == sum(map(len, readers))
+        else:
+            assert rows == []
+        out = converted(*args, **kwargs)
+        out.square().mean().backward()
+        outs[fuse] = (out.detach(), args[0].grad)
+    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
+
+
+PEER_AMAX = 40.0
+
+
+def _kernels_with_amax(monkeypatch):
+    install_fake_torch_npu(monkeypatch)
+    kernels = {"reference": torch.ops.osp.hif8_linear.default, "npu": hif8_kernels.hif8_linear_npu,
+               "fp8 (emulated here)": lambda x, c, b, s, g="", amax=None: fp8.fp8_linear(
+                   x, fp8.transcode_weight(c, s), b, reuse_activation=False, group=g, amax=amax)}
+    if triton_kernels.triton_available("cpu"):
+        kernels["triton decode gemm"] = triton_gemm.hif8_linear_triton
+    return kernels
+
+
+def test_every_kernel_takes_the_given_amax_as_the_whole_tensors(monkeypatch):
+    """With ``amax`` given, x's rows are quantized as within a tensor whose max is that (x followed
+    by rows reaching it); alone and under a group the given max is this rank's, all-reduced."""
+    x, _, b, codes, scale = _linear_case(seed=23)
+    whole = torch.cat([x, torch.full((3, x.shape[1]), -PEER_AMAX)])
+    for name, linear in _kernels_with_amax(monkeypatch).items():
+        want = linear(whole, codes, b, scale, "")[: len(x)]
+        got = linear(x, codes, b, scale, "", torch.tensor(PEER_AMAX))
+        assert rel_err(got, want) <= 1e-6, name
+        assert rel_err(linear(x, codes, b, scale, ""), want) > 1e-3, name
+    monkeypatch.setattr(group, "_resolve", lambda name: name)
+    monkeypatch.setattr(group.dist, "all_reduce", lambda t, op, group: t.clamp_(min=PEER_AMAX))
+    own = x.abs().amax()
+    for name, linear in _kernels_with_amax(monkeypatch).items():
+        want = linear(whole, codes, b, scale, "")[: len(x)]
+        assert rel_err(linear(x, codes, b, scale, "peer", own), want) <= 1e-6, name
