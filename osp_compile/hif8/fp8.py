@@ -168,25 +168,26 @@ def _group_amax(x: torch.Tensor, group: str, gelu: str | None, amax: torch.Tenso
     return group_amax(F.gelu(x, approximate=gelu), group)
 
 
-_LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, (group, gelu), (x8, dequant))
+_LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, (group, gelu, amax), (x8, dequant))
 
 
 def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str, gelu: str | None = None,
                      amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_act_e4m3`` of ``x`` [..., K] as [M, K] (scaled over the SP ``group``; of
-    ``F.gelu(x)`` with ``gelu``; ``amax``: ``max|x|`` computed by the caller); with ``reuse``, the result of the previous call when ``x`` is the
-    same, unmodified tensor: the q, k and v projections of a block read one ``x``, which is then
-    quantized once (and its absmax all-reduced once: every rank runs the same calls, so they hit or
-    miss alike).  One entry, held by a weak reference to ``x`` (a freed ``x`` can never match) and
-    its version counter (an in-place write invalidates it).  Only a call with the same ``group``
-    and ``gelu`` reuses it."""
+    ``F.gelu(x)`` with ``gelu``; ``amax``: ``max|x|`` computed by the caller); with ``reuse``, the
+    result of the previous call when ``x`` is the same, unmodified tensor: the q, k and v
+    projections of a block read one ``x``, which is then quantized once (and its absmax
+    all-reduced once: every rank runs the same calls, so they hit or miss alike).  One entry, held
+    by a weak reference to ``x`` (a freed ``x`` can never match) and its version counter (an
+    in-place write invalidates it).  Only a call with the same ``group``, ``gelu`` and ``amax``
+    (the same tensor, as the linears reading one activation get) reuses it."""
     global _LAST_ACTIVATION
     if reuse and _LAST_ACTIVATION is not None:
-        ref, version, how, result = _LAST_ACTIVATION
-        if ref() is x and x._version == version and how == (group, gelu):
+        ref, version, (last_group, last_gelu, last_amax), result = _LAST_ACTIVATION
+        if ref() is x and x._version == version and (last_group, last_gelu) == (group, gelu) and last_amax is amax:
             return result
     result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]), X_SCALE_MAX, _group_amax(x, group, gelu, amax), gelu)
-    _LAST_ACTIVATION = (weakref.ref(x), x._version, (group, gelu), result) if reuse else None
+    _LAST_ACTIVATION = (weakref.ref(x), x._version, (group, gelu, amax), result) if reuse else None
     return result
 
 

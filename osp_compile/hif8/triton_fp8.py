@@ -22,10 +22,11 @@ Inputs must be finite.  Tested bit for bit against the torch reference under the
 
 A GELU prologue (``gelu``, for the FFN's second linear, ``osp::gelu_hif8_linear``) applies
 ``F.gelu`` to ``x`` inside both passes, rounded to ``x``'s dtype as ``F.gelu``'s output is, so the
-GELU output is never written: a max pass over ``x`` (one max per block) and the quantize pass read
-``x`` and write one byte per element, where GELU, max and quantize as separate kernels read or write
-the activation five times.  The GELU is computed in float32 (the tanh form as a sigmoid), within a
-few float32 ulps of PyTorch's, so an element can round to the neighbouring bfloat16 value where
+GELU output is never written: the max pass reads ``x`` (each block's max folded into one float by
+an atomic max; under the interpreter the host takes the max), the quantize pass reads ``x`` and
+writes one byte per element, where GELU, max and quantize as separate kernels read or write the
+activation five times.  The GELU is computed in float32 (the tanh form as a sigmoid), within a few
+float32 ulps of PyTorch's, so an element can round to the neighbouring bfloat16 value where
 PyTorch's lands on the other side of a rounding boundary (tested against a float64 GELU).
 """
 from __future__ import annotations
