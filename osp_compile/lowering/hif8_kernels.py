@@ -78,6 +78,12 @@ def hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tenso
     return out.reshape(*x.shape[:-1], n)
 
 
+def gelu_hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
+                              scale: torch.Tensor, group: str = "", approximate: str = "none") -> torch.Tensor:
+    """``F.gelu`` (its own kernel there), then `hif8_linear_npu_impl`."""
+    return hif8_linear_npu_impl(F.gelu(x, approximate=approximate), codes, bias, scale, group)
+
+
 hif8_linear_cuda = inference.hif8_linear_op("osp_cuda::hif8_linear", hif8_linear_cuda_impl)
 hif8_linear_cuda_fast_accum = inference.hif8_linear_op(
     "osp_cuda::hif8_linear_fast_accum", functools.partial(hif8_linear_cuda_impl, fast_accum=True))
@@ -87,12 +93,6 @@ gelu_hif8_linear_cuda_fast_accum = inference.hif8_linear_op(
     "osp_cuda::gelu_hif8_linear_fast_accum", functools.partial(gelu_hif8_linear_cuda_impl, fast_accum=True),
     inference.GELU_HIF8_LINEAR_SCHEMA)
 hif8_linear_npu = inference.hif8_linear_op("osp_npu::hif8_linear", hif8_linear_npu_impl)
-def gelu_hif8_linear_npu_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                              scale: torch.Tensor, group: str = "", approximate: str = "none") -> torch.Tensor:
-    """``F.gelu`` (its own kernel there), then `hif8_linear_npu_impl`."""
-    return hif8_linear_npu_impl(F.gelu(x, approximate=approximate), codes, bias, scale, group)
-
-
 gelu_hif8_linear_npu = inference.hif8_linear_op(
     "osp_npu::gelu_hif8_linear", gelu_hif8_linear_npu_impl, inference.GELU_HIF8_LINEAR_SCHEMA)
 
