@@ -46,6 +46,8 @@ VARIANT_HELP = {
     "osp-hif8-no-actquant": "ablation: osp-hif8-fast, FP8 linears replay the first step's E4M3 activations (timing only; use --layers)",
 }
 VARIANTS = tuple(VARIANT_HELP)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "osp-hif8-no-actquant")
+"""What runs unless asked: all but the ablation that holds a whole step's activations on the GPU."""
 BACKEND_OPTIONS = {
     "osp-backend": {},
     "osp-no-relayout": {},
@@ -324,7 +326,7 @@ def attention_calls(gpu_events) -> list[dict]:
 
 
 def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None = None, num_full_blocks: int | None = None,
-        sparse_ratio: int = 2, variants=VARIANTS, warmup: int = 2, iters: int = 5, device: str = "cuda",
+        sparse_ratio: int = 2, variants=DEFAULT_VARIANTS, warmup: int = 2, iters: int = 5, device: str = "cuda",
         profile: bool = True, progress: bool = True, partial_json: str | None = None) -> dict:
     """One step of each variant, side by side (see the module docstring). ``partial_json``: rewrite
     this file after every variant with the rows so far, so that a run cut short keeps them."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench import VARIANT_HELP, VARIANTS
+from ..bench import DEFAULT_VARIANTS, VARIANT_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="layer-reduced model (the table says so)")
     p.add_argument("--num-full-blocks", type=int, default=None, help="default: the paper's 14B ratio, 8 of 40")
     p.add_argument("--sparse-ratio", type=int, default=2, help="P: P*P subsequences per frame grid")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated subset of: " + "; ".join(f"{v} ({h})" for v, h in VARIANT_HELP.items()))
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
     p.add_argument("--iters", type=int, default=5, help="timed steps; the table gives their median")
