@@ -236,3 +236,26 @@ def test_every_kernel_takes_the_given_amax_as_the_whole_tensors(monkeypatch):
     for name, linear in _kernels_with_amax(monkeypatch).items():
         want = linear(whole, codes, b, scale, "")[: len(x)]
         assert rel_err(linear(x, codes, b, scale, "peer", own), want) <= 1e-6, name
+
+
+def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
+    """The CUDA kernel's FP8 path, run on this CPU (``torch._scaled_mm`` has a CPU kernel here):
+    q, k and v get the same in-graph max and share one quantization of their input, so a step
+    quantizes each activation once."""
+    monkeypatch.setattr(triton_kernels, "triton_available", lambda device="cuda": True)
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
+    calls = []
+    real = fp8.quantize_act_e4m3
+    monkeypatch.setattr(fp8, "quantize_act_e4m3", lambda x, *a: calls.append(x.shape) or real(x, *a))
+    model = build_model("tiny", num_layers=2, seed=3)
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=4)
+    converted = convert(model, args, kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cuda"))
+    kernels = {r["kernel"] for r in _rows(converted.osp_report, "lowering") if "hif8" in r["op"]}
+    assert all("FP8 tensor cores" in k for k in kernels)
+    activations = len(_rows(converted.osp_report, "hif8_absmax")) + len(_rows(converted.osp_report, "gelu_hif8_linear"))
+    assert activations == 13  # per block: q/k/v input, o, cross q, cross o, FFN1, FFN2; the text (cross k/v) once
+    calls.clear()
+    with torch.no_grad():
+        converted(*args, **kwargs)
+    # 18 linears; the one-entry reuse holds the latest activation only, so block 1 quantizes the text again
+    assert len(calls) == activations + 1
