@@ -16,9 +16,9 @@ compiles the same OSP graph with every relayout replaced by the identity - the s
 same shapes, since a packed layout has exactly the natural layout's shape on one device - and the
 difference to ``osp-backend`` is the cost of rearranging and switching. Padding costs nothing by
 construction (packed layouts carry no padded row). The ablation ``osp-hif8-no-actquant`` measures
-HiF8's activation quantization the same way: ``osp-hif8-fast`` with every FP8 linear replaying
-the E4M3 activation it got in the first step instead of quantizing its input again, so the difference bounds what any fusion of the
-quantization (into the norms, into the GEMM) could give the step.
+HiF8's activation quantization the same way: ``osp-hif8-fast`` with every FP8 linear replaying the
+E4M3 activation it got in the first step instead of quantizing its input again, so the difference
+bounds what any fusion of the quantization (into the norms, into the GEMM) could give the step.
 """
 from __future__ import annotations
 
@@ -50,17 +50,16 @@ DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "osp-hif8-no-actquant")
 """What runs unless asked: all but the ablation that holds a whole step's activations on the GPU."""
 BACKEND_OPTIONS = {
     "osp-backend": {},
-    "osp-no-relayout": {},
     "osp-unfused": {"fuse_linears": False},
     "osp-hif8": {"quant": "hif8-infer"},
     "osp-hif8-fast": {"quant": "hif8-infer", "fp8_fast_accum": True},
     "osp-hif8-unfused": {"quant": "hif8-infer", "fp8_fast_accum": True, "fuse_linears": False},
     "dense-osp": {"layout": "dense"},
-    "osp-hif8-no-actquant": {"quant": "hif8-infer", "fp8_fast_accum": True},
 }
-"""Variants compiled with the osp backend, and their options beyond the preset's sparse layout.
-``dense-osp`` keeps every site dense: what the backend's other rewrites (the fusions into linears)
-give a model without Skiparse, so that the Skiparse share of a speedup can be told apart."""
+"""Variants compiled with the osp backend, and their options beyond the preset's sparse layout
+(an ablation compiles as the variant it ablates). ``dense-osp`` keeps every site dense: what the
+backend's other rewrites (the fusions into linears) give a model without Skiparse, so that the
+Skiparse share of a speedup can be told apart."""
 
 @dataclass(frozen=True)
 class Ablation:
@@ -360,9 +359,10 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         if variant == "osp-convert":
             return convert(model, args, kwargs, config)
         # the backend callable itself: the same as backend="osp", without relying on the pip entry point
-        if variant in BACKEND_OPTIONS:
+        compiled_as = ABLATIONS[variant].of if variant in ABLATIONS else variant
+        if compiled_as in BACKEND_OPTIONS:
             opts = {"sparse_ratio": sparse_ratio, "layout": "dual_end", "num_full_blocks": full,
-                    **BACKEND_OPTIONS[variant]}
+                    **BACKEND_OPTIONS[compiled_as]}
             return torch.compile(model, backend=osp_backend, options=opts, dynamic=False)
         raise ValueError(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
 
