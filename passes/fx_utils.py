@@ -85,6 +85,13 @@ def call_args(node: fx.Node, names: Sequence[str], defaults: dict | None = None)
     return out
 
 
+def gelu_args(node) -> dict | None:
+    """``{"input", "approximate"}`` of a GELU call (``F.gelu``, ``aten.gelu``), or None for any other node."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and op_name(node) == "gelu"):
+        return None
+    return call_args(node, ["input", "approximate"], {"approximate": "none"})
+
+
 def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and op_name(node) in (
         "scaled_dot_product_attention",

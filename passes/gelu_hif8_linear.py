@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from osp_compile.hif8.inference import gelu_hif8_linear
 from osp_compile.report import PassReport
-from .fx_utils import call_args, op_name, param_fqn
+from .fx_utils import call_args, gelu_args, param_fqn
 from .hif8_linear import STORE_NAME
 
 HIF8_LINEAR_ARGS = ["x", "codes", "bias", "scale", "group"]
@@ -39,10 +39,9 @@ def gelu_hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, Pass
     for node in list(g.find_nodes(op="call_function", target=torch.ops.osp.hif8_linear.default)):
         a = call_args(node, HIF8_LINEAR_ARGS, {"bias": None, "group": ""})
         gelu = a["x"]
-        if not (isinstance(gelu, fx.Node) and gelu.op == "call_function" and op_name(gelu) == "gelu"
-                and len(gelu.users) == 1):
+        b = gelu_args(gelu)
+        if b is None or len(gelu.users) != 1:
             continue
-        b = call_args(gelu, ["input", "approximate"], {"approximate": "none"})
         with g.inserting_before(node):
             fused = g.call_function(gelu_hif8_linear, (b["input"], a["codes"], a["bias"], a["scale"], a["group"],
                                                        b["approximate"]))

@@ -16,16 +16,14 @@ import torch.fx as fx
 
 from osp_compile.ops import linear_gelu
 from osp_compile.report import PassReport
-from .fx_utils import call_args, linear_calls, op_name, shape_of
+from .fx_utils import gelu_args, linear_calls, shape_of
 
 
-def _gelu_reader(linear: fx.Node) -> fx.Node | None:
-    """The GELU call that is the linear's only reader, or None."""
+def _gelu_reader(linear: fx.Node) -> tuple[fx.Node, str] | None:
+    """(the GELU call that is the linear's only reader, its ``approximate``), or None."""
     users = list(linear.users)
-    if len(users) != 1 or users[0].op != "call_function" or op_name(users[0]) != "gelu":
-        return None
-    gelu = users[0]
-    return gelu if call_args(gelu, ["input"]).get("input") is linear else None
+    gelu = gelu_args(users[0]) if len(users) == 1 else None
+    return (users[0], gelu["approximate"]) if gelu is not None and gelu["input"] is linear else None
 
 
 def linear_gelu_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
@@ -34,10 +32,10 @@ def linear_gelu_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
     for call in linear_calls(gm):
         if call["form"] != "linear" or len(shape_of(call["weight"]) or ()) != 2:
             continue
-        gelu = _gelu_reader(call["node"])
-        if gelu is None:
+        reader = _gelu_reader(call["node"])
+        if reader is None:
             continue
-        approximate = call_args(gelu, ["input", "approximate"], {"approximate": "none"})["approximate"]
+        gelu, approximate = reader
         with g.inserting_before(gelu):
             fused = g.call_function(linear_gelu, (call["input"], call["weight"], call["bias"], approximate))
         fused.meta.update({k: v for k, v in gelu.meta.items() if k != "source_fn_stack"})
