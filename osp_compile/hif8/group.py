@@ -46,9 +46,11 @@ def group_amax(x: torch.Tensor, group: str, amax: torch.Tensor | None = None) ->
     Every rank of the group must call it, in the same order (they run the same graph).  A NaN
     becomes +Inf before the reduce, since a MAX over NaN is not specified alike by every backend:
     all ranks then see a non-finite max and use scale 1, as one process would."""
+    if amax is not None:
+        amax = amax.to(torch.float32).reshape(())
     if not group:
-        return None if amax is None else amax.to(torch.float32).reshape(())
-    return reduce_amax(codec.absmax(x) if amax is None else amax.to(torch.float32).reshape(()), group)
+        return amax
+    return reduce_amax(codec.absmax(x) if amax is None else amax, group)
 
 
 def reduce_amax(amax: torch.Tensor, group: str) -> torch.Tensor:
