@@ -12,22 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from osp_compile import OSPConfig, convert
-from osp_compile.hif8 import fp8, group, inference, triton_kernels
+from osp_compile.hif8 import fp8, inference, triton_kernels
 from osp_compile.lowering import hif8_kernels
 from osp_compile.lowering.registry import kernels_for
 from osp_compile.oracle import rel_err
 from reference_model import PRESETS, build_model, make_inputs
 from osp_compile.hif8 import triton_gemm
 from test_hif8_infer import _linear_case, install_fake_torch_npu
+from test_hif8_ssp import PEER_AMAX, _with_peer, peer  # noqa: F401  (peer: the emulated SP group fixture)
+from test_linear_fusions import _rows
 
 needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 LATENT = (2, 8, 16)
-
-
-def _rows(report, name):
-    return [r for g in report.graphs for p in g.passes if p.name == name for r in p.rows]
 
 
 def _convert(fuse: bool):
@@ -127,14 +125,12 @@ def test_fp8_linear_with_gelu_equals_the_reference_composition():
     assert rel_err(plain, inference.hif8_linear_reference(x, codes, b, scale)) <= 1e-6
 
 
-def test_gelu_prologue_scales_over_the_group(monkeypatch):
+def test_gelu_prologue_scales_over_the_group(peer):
     """Under sequence parallelism the scale is the group's max of the GELU output (the all-reduce
-    emulated: the other rank's shard has max |GELU| = 40)."""
-    monkeypatch.setattr(group, "_resolve", lambda name: name)
-    monkeypatch.setattr(group.dist, "all_reduce", lambda t, op, group: t.clamp_(min=40.0))
+    emulated: the other rank's shard has max |GELU| = PEER_AMAX)."""
     x = _gelu_case(torch.float32, n=64 * 8).reshape(64, 8)
-    got, got_dq = fp8._activation_e4m3(x, False, "peer", "tanh")
-    want, want_dq = fp8.quantize_act_e4m3_reference(x, 15.0, torch.tensor(40.0), gelu="tanh")
+    got, got_dq = fp8._activation_e4m3(x, False, peer, "tanh")
+    want, want_dq = fp8.quantize_act_e4m3_reference(x, 15.0, torch.tensor(PEER_AMAX), gelu="tanh")
     assert torch.equal(got.float(), want.float()) and torch.equal(got_dq, want_dq)
     assert not torch.equal(got_dq, fp8._activation_e4m3(x, False, "", "tanh")[1])
 
@@ -207,9 +203,6 @@ def test_absmax_pass_one_max_per_activation_and_the_same_outputs():
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
 
 
-PEER_AMAX = 40.0
-
-
 def _kernels_with_amax(monkeypatch):
     install_fake_torch_npu(monkeypatch)
     kernels = {"reference": torch.ops.osp.hif8_linear.default, "npu": hif8_kernels.hif8_linear_npu,
@@ -220,22 +213,16 @@ def _kernels_with_amax(monkeypatch):
     return kernels
 
 
-def test_every_kernel_takes_the_given_amax_as_the_whole_tensors(monkeypatch):
+def test_every_kernel_takes_the_given_amax_as_the_whole_tensors(peer, monkeypatch):
     """With ``amax`` given, x's rows are quantized as within a tensor whose max is that (x followed
     by rows reaching it); alone and under a group the given max is this rank's, all-reduced."""
     x, _, b, codes, scale = _linear_case(seed=23)
-    whole = torch.cat([x, torch.full((3, x.shape[1]), -PEER_AMAX)])
-    for name, linear in _kernels_with_amax(monkeypatch).items():
-        want = linear(whole, codes, b, scale, "")[: len(x)]
-        got = linear(x, codes, b, scale, "", torch.tensor(PEER_AMAX))
-        assert rel_err(got, want) <= 1e-6, name
-        assert rel_err(linear(x, codes, b, scale, ""), want) > 1e-3, name
-    monkeypatch.setattr(group, "_resolve", lambda name: name)
-    monkeypatch.setattr(group.dist, "all_reduce", lambda t, op, group: t.clamp_(min=PEER_AMAX))
     own = x.abs().amax()
     for name, linear in _kernels_with_amax(monkeypatch).items():
-        want = linear(whole, codes, b, scale, "")[: len(x)]
-        assert rel_err(linear(x, codes, b, scale, "peer", own), want) <= 1e-6, name
+        want = linear(_with_peer(x), codes, b, scale, "")[: len(x)]
+        assert rel_err(linear(x, codes, b, scale, "", torch.tensor(PEER_AMAX)), want) <= 1e-6, name
+        assert rel_err(linear(x, codes, b, scale, ""), want) > 1e-3, name
+        assert rel_err(linear(x, codes, b, scale, peer, own), want) <= 1e-6, name
 
 
 def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
