@@ -168,19 +168,30 @@ def test_triton_decode_gemm_interpreted_matches_reference(bias):
     assert rel_err(got.reshape(37, 24), want) <= 1e-6
 
 
-@needs_interp
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interp), pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("n, wide", [(3000, False), (1 << 16, False), (3000, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_activation_kernel_interpreted_bitwise(dtype):
+def test_fused_activation_kernel_bitwise(dtype, n, wide, device, monkeypatch):
+    """Bit for bit against the torch reference over ~30 binades (E4M3's subnormals included): the
+    interpreter (which rounds by hand) and the GPU (whose casts round), with a partial last block
+    (3000) or none (2^16), and with 64-bit offsets forced (``WIDE``, otherwise only past 2^31)."""
+    from osp_compile.hif8 import triton_fp8
     from osp_compile.hif8.triton_fp8 import quantize_act_e4m3_triton
 
+    if wide:
+        real = triton_fp8._shape_constants
+        monkeypatch.setattr(triton_fp8, "_shape_constants", lambda n, block: {**real(n, block), "WIDE": True})
     g = torch.Generator().manual_seed(5)
-    x = (torch.randn(3000, generator=g) * torch.exp(torch.randn(3000, generator=g) * 3)).clamp(-6e4, 6e4).to(dtype)
+    x = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 3)).clamp(-6e4, 6e4).to(dtype)
     x[:6] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0]).to(dtype)
-    got, got_dq = quantize_act_e4m3_triton(x, 15.0)
+    got, got_dq = (t.cpu() for t in quantize_act_e4m3_triton(x.to(device), 15.0))
     want, want_dq = fp8.quantize_act_e4m3_reference(x, 15.0)
     assert got.dtype == torch.float8_e4m3fn
     assert torch.equal(got.float(), want.float())  # -0 == +0: HiF8 has no -0, E4M3 casts may give one
     assert torch.equal(got_dq, want_dq)
+    assert (want.float().abs() < 2 ** -6).logical_and(want.float() != 0).any()  # E4M3 subnormals reached
+    if device != "cpu" or n != 3000 or wide:
+        return
     # and it is HiF8 (en_dtypes) of x * s, s = 15 / max|x| in float32 as the recipe has it
     xf = x.float().numpy()
     s = np.float32(15) / np.abs(xf).max()
