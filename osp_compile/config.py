@@ -47,6 +47,10 @@ class OSPConfig:
         bfloat16 value where PyTorch's does not), and a packed sparse site's output projection into
         the site, per length class, so that the classes' outputs are never concatenated
         (``osp::folded_attention_linear``). False keeps the model's own calls.
+    fuse_norm_rope: a q or k projection's RMSNorm and interleaved rotary embedding as one op
+        (``osp::rms_norm_rope``; one Triton pass on CUDA in inference, where a compiler's fused
+        kernel gathers each element's rotation partner). Its float32 arithmetic may contract
+        differently, so a bfloat16 element can land on the neighbouring value. False keeps the calls.
     sequence_parallel: None, ``ssp`` (Sparse Sequence Parallelism) or ``ulysses`` (the baseline);
         needs torch.distributed initialised. sp_group: the process group (None = the world).
     lora_rank, lora_alpha, lora_targets: LoRA adapters added as a pass (rank 0: none); targets are
@@ -61,6 +65,7 @@ class OSPConfig:
     on_unsupported: str = "error"
     fuse_permutations: bool = True
     fuse_linears: bool = True
+    fuse_norm_rope: bool = True
     sequence_parallel: str | None = None
     sp_group: object | None = None
     quant: str | None = None

@@ -119,7 +119,27 @@ def _linear_gelu(x, weight, bias, approximate="none"):
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
+_lib.define("rms_norm_rope(Tensor x, Tensor weight, float eps, Tensor cos, Tensor sin, int heads) -> Tensor")
+
+
+@torch.library.impl(_lib, "rms_norm_rope", "CompositeImplicitAutograd")
+def _rms_norm_rope(x, weight, eps, cos, sin, heads):
+    """A q or k projection's RMSNorm over the model width, split into ``heads``, then rotary
+    embedding of interleaved pairs ``(2i, 2i+1)`` by the tables ``cos``/``sin`` (broadcast to
+    ``[..., S, heads, head_dim]``), each step rounded to ``x``'s dtype as the calls it replaces
+    (``passes/norm_rope.py``) round. One node, so that a target can run it as one pass over the
+    activation: fused by a compiler, the pairs' partner reads are gathers it cannot vectorize."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
+    y = y.view(*y.shape[:-1], heads, -1)
+    yf = y.float()
+    even, odd = yf.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-odd, even), dim=-1).flatten(-2)
+    return (yf * cos + rotated * sin).type_as(y)
+
+
 skiparse_relayout = torch.ops.osp.skiparse_relayout.default
 folded_attention = torch.ops.osp.folded_attention.default
 folded_attention_linear = torch.ops.osp.folded_attention_linear.default
 linear_gelu = torch.ops.osp.linear_gelu.default
+rms_norm_rope = torch.ops.osp.rms_norm_rope.default

@@ -111,6 +111,10 @@ def default_passes(config: OSPConfig) -> list[GraphPass]:
         from passes.sp_grad_sync import sp_grad_sync_pass
 
         pipeline += [sp_grad_sync_pass, comm_accounting_pass]
+    if config.fuse_norm_rope:
+        from passes.norm_rope import norm_rope_pass
+
+        pipeline.append(norm_rope_pass)
     if config.fuse_linears:
         from passes.attention_projection import attention_projection_pass
         from passes.gelu_hif8_linear import gelu_hif8_linear_pass

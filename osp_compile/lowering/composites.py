@@ -22,6 +22,7 @@ COMPOSITES = {
     "folded_attention": "osp_compile.ops:_folded_attention",
     "folded_attention_linear": "osp_compile.ops:_folded_attention_linear",
     "linear_gelu": "osp_compile.ops:_linear_gelu",
+    "rms_norm_rope": "osp_compile.ops:_rms_norm_rope",
     "gelu_hif8_linear": "osp_compile.hif8.inference:_gelu_hif8_linear",
     "skiparse_relayout": "osp_compile.ops:_skiparse_relayout",
     "skiparse_joint_attention": "osp_compile.joint_attention:_skiparse_joint_attention",
