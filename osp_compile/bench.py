@@ -35,13 +35,13 @@ import torch
 VARIANT_HELP = {
     "dense-eager": "the model as written, eager",
     "dense-inductor": "torch.compile (Inductor): the baseline of every ratio",
-    "dense-osp": "every site dense, through the osp backend: only the fusions into linears apply",
+    "dense-osp": "every site dense, through the osp backend: only the fusions apply",
     "osp-convert": "osp_compile.convert()",
     "osp-backend": 'torch.compile(backend="osp")',
-    "osp-unfused": "osp-backend with fuse_linears=False",
+    "osp-unfused": "osp-backend with the fusions off (fuse_linears=False, fuse_norm_rope=False)",
     "osp-hif8": "osp-backend with HiF8 inference linears (FP8 tensor cores on CUDA)",
     "osp-hif8-fast": "osp-hif8 with fp8_fast_accum=True",
-    "osp-hif8-unfused": "osp-hif8-fast with fuse_linears=False",
+    "osp-hif8-unfused": "osp-hif8-fast with the fusions off (fuse_linears=False, fuse_norm_rope=False)",
     "osp-no-relayout": "ablation: relayouts replaced by identity (output invalid, timing only)",
     "osp-hif8-no-actquant": "ablation: osp-hif8-fast, FP8 linears replay the first step's E4M3 activations (timing only; use --layers)",
 }
@@ -50,15 +50,15 @@ DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "osp-hif8-no-actquant")
 """What runs unless asked: all but the ablation that holds a whole step's activations on the GPU."""
 BACKEND_OPTIONS = {
     "osp-backend": {},
-    "osp-unfused": {"fuse_linears": False},
+    "osp-unfused": {"fuse_linears": False, "fuse_norm_rope": False},
     "osp-hif8": {"quant": "hif8-infer"},
     "osp-hif8-fast": {"quant": "hif8-infer", "fp8_fast_accum": True},
-    "osp-hif8-unfused": {"quant": "hif8-infer", "fp8_fast_accum": True, "fuse_linears": False},
+    "osp-hif8-unfused": {"quant": "hif8-infer", "fp8_fast_accum": True, "fuse_linears": False, "fuse_norm_rope": False},
     "dense-osp": {"layout": "dense"},
 }
 """Variants compiled with the osp backend, and their options beyond the preset's sparse layout
 (an ablation compiles as the variant it ablates). ``dense-osp`` keeps every site dense: what the
-backend's other rewrites (the fusions into linears) give a model without Skiparse, so that the
+backend's other rewrites (the fusions) give a model without Skiparse, so that the
 Skiparse share of a speedup can be told apart."""
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ def rows() -> list[dict]:
     amax_x, amax_h = absmax_triton(x), absmax_triton(h, "tanh")
     inductor_amax = torch.compile(lambda t: torch.amax(torch.amax(torch.abs(t), -1)))
     cases = [  # (pass, input, bytes moved per element, fn)
+        ("roofline: torch x.to(float8_e4m3fn)", x, 3, lambda: x.to(torch.float8_e4m3fn)),
+        ("roofline: torch x.clone()", x, 4, lambda: x.clone()),
         ("max|x|, torch vector_norm(inf)", x, 2, lambda: torch.linalg.vector_norm(x, float("inf"))),
         ("max|x|, Inductor (the in-graph max, standalone)", x, 2, lambda: inductor_amax(x)),
         ("max|x|, Triton", x, 2, lambda: absmax_triton(x)),
