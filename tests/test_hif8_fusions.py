@@ -28,6 +28,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 LATENT = (2, 8, 16)
 
 
+def output_and_input_grad(converted, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A converted model's output and the gradient of its first input (which requires grad)."""
+    out = converted(*args, **kwargs)
+    out.square().mean().backward()
+    return out.detach(), args[0].grad
+
+
 def _convert(fuse: bool):
     model = build_model("tiny", num_layers=2, seed=3)
     args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=4)
@@ -50,9 +57,7 @@ def test_pass_fuses_each_ffn_and_equals_the_unfused_conversion_with_gradients():
             assert [r["kernel"] for r in lowered] == ["GELU + HiF8 reference"] * 2
         else:
             assert rows == []
-        out = converted(*args, **kwargs)
-        out.square().mean().backward()
-        outs[fuse] = (out.detach(), args[0].grad)
+        outs[fuse] = output_and_input_grad(converted, args, kwargs)
     assert rel_err(outs[True][0], outs[False][0]) <= 1e-6
     assert rel_err(outs[True][1], outs[False][1]) <= 1e-6 and outs[True][1].abs().sum() > 0
 
@@ -202,9 +207,7 @@ def test_absmax_pass_one_max_per_activation_and_the_same_outputs():
             assert sum(n.kwargs.get("amax") is None for n in hif8) == 2
         else:
             assert rows == []
-        out = converted(*args, **kwargs)
-        out.square().mean().backward()
-        outs[fuse] = (out.detach(), args[0].grad)
+        outs[fuse] = output_and_input_grad(converted, args, kwargs)
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
 
 

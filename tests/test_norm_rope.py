@@ -14,6 +14,7 @@ from osp_compile.oracle import rel_err
 from osp_compile.ops import rms_norm_rope
 from reference_model import PRESETS, build_model, make_inputs
 from reference_model.model import RMSNorm, apply_rope, rope_cos_sin
+from test_hif8_fusions import output_and_input_grad
 from test_linear_fusions import _rows
 
 needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
@@ -46,9 +47,7 @@ def test_pass_fuses_each_self_attention_q_and_k_and_equals_the_unfused_conversio
             assert kept == ["kept: no interleaved rotary embedding reads the view alone"] * 4
         else:
             assert rows == []
-        out = converted(*args, **kwargs)
-        out.square().mean().backward()
-        outs[fuse] = (out.detach(), args[0].grad)
+        outs[fuse] = output_and_input_grad(converted, args, kwargs)
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
 
 
