@@ -37,11 +37,6 @@ def _kind(node) -> str | None:
         "call_function", "call_method") else None
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 def _other(node: fx.Node, one) -> object:
     """The operand of a binary ``node`` that is not ``one`` (None unless exactly one operand is)."""
     a, b = node.args[:2]
@@ -49,7 +44,8 @@ def _other(node: fx.Node, one) -> object:
 
 
 def _rms_norm(y: fx.Node) -> dict | None:
-    """``{"x", "weight", "eps"}`` of ``y = (xf * rsqrt(mean(xf^2, -1, keepdim) + eps)).type_as(x) * weight``."""
+    """``{"x", "weight", "eps"}`` of ``y = (xf * rsqrt(mean(xf^2, -1, keepdim) + eps)).type_as(x) * weight``,
+    its nodes (users first) and whether any of them is read outside it (``xf`` is read twice inside)."""
     if _kind(y) != _MUL:
         return None
     for cast, weight in ((y.args[0], y.args[1]), (y.args[1], y.args[0])):
@@ -73,15 +69,10 @@ def _rms_norm(y: fx.Node) -> dict | None:
             if (m["dim"] not in (-1, [-1], (-1,)) or not m["keepdim"] or _kind(square) != "pow"
                     or square.args[0] is not xf or square.args[1:2] != (2,)):
                 continue
-            return {"x": x, "weight": weight, "eps": eps, "nodes": [y, cast, scaled, rsqrt, shifted, mean, square, xf]}
+            nodes = [y, cast, scaled, rsqrt, shifted, mean, square, xf]
+            inside = any(len(n.users) != 1 for n in nodes[:-1]) or set(xf.users) != {scaled, square}
+            return {"x": x, "weight": weight, "eps": eps, "nodes": nodes, "read_elsewhere": inside}
     return None
-
-
-def _read_elsewhere(norm: dict) -> bool:
-    """Whether a value inside the matched norm is read outside it (``xf`` is read twice inside)."""
-    *single, xf = norm["nodes"]
-    y, _, scaled, _, _, _, square = single
-    return any(len(n.users) != 1 for n in single) or set(xf.users) != {scaled, square}
 
 
 def _rope(view: fx.Node) -> dict | None:
@@ -161,7 +152,7 @@ def norm_rope_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]
             continue
         rope = _rope(view)
         why = "no interleaved rotary embedding reads the view alone" if rope is None else _refusal(norm, rope)
-        if why is None and _read_elsewhere(norm):
+        if why is None and norm["read_elsewhere"]:
             why = "an intermediate value of the norm has another reader"
         if why is not None:
             rows.append({"node": view.name, "decision": f"kept: {why}"})
