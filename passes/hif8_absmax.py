@@ -29,7 +29,8 @@ from .fx_utils import is_sdpa, meta_value
 def _attention_behind(x: fx.Node) -> fx.Node | None:
     """The attention call that wrote ``x``, seen through views (reshapes, transposes), or None."""
     node = x
-    while node.op in ("call_function", "call_method") and _kind_of(node, node.graph.owning_module) in _RESHAPES | _PERMUTES:
+    views = _RESHAPES | _PERMUTES
+    while node.op in ("call_function", "call_method") and _kind_of(node, node.graph.owning_module) in views:
         node = node.args[0]
     return node if is_sdpa(node) else None
 

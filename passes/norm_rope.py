@@ -159,7 +159,8 @@ def norm_rope_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]
             continue
         heads = meta_value(rope["out"]).shape[-2]
         with g.inserting_before(rope["out"]):
-            fused = g.call_function(rms_norm_rope, (norm["x"], norm["weight"], norm["eps"], rope["cos"], rope["sin"], heads))
+            args = (norm["x"], norm["weight"], norm["eps"], rope["cos"], rope["sin"], heads)
+            fused = g.call_function(rms_norm_rope, args)
         fused.meta["example_value"] = meta_value(rope["out"])
         rope["out"].replace_all_uses_with(fused)
         for dead in rope["nodes"] + [view] + norm["nodes"]:
