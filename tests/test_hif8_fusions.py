@@ -115,6 +115,8 @@ def test_gelu_prologue_interpreted_against_float64_gelu(approximate, dtype):
     assert torch.equal(absmax_triton(x, approximate), F.gelu(x.double(), approximate=approximate).to(dtype).abs().amax().float())
     with pytest.raises(ValueError, match="approximate"):
         quantize_act_e4m3_triton(x, 15.0, gelu="sigmoid")
+    for gelu in (None, approximate):  # an empty shard's max is 0
+        assert float(absmax_triton(x[:0], gelu)) == 0.0
 
 
 def test_fp8_linear_with_gelu_equals_the_reference_composition():

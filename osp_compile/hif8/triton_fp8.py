@@ -169,7 +169,9 @@ def absmax_triton(x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
     with an atomic max (magnitudes only, so from a zeroed float nothing is lost).  Without a GELU,
     torch's reduction, which was faster than these atomics on the H100."""
     xc = x.detach().contiguous()
-    if gelu is None or xc.numel() == 0:
+    if xc.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    if gelu is None:
         return torch.linalg.vector_norm(xc, float("inf")).to(torch.float32)
     out = torch.zeros(1, dtype=torch.float32, device=x.device)
     _launch(xc, out, out, out, 1.0, 0, gelu, ABS_MAX)
