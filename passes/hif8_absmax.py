@@ -9,7 +9,7 @@ once less. The op then takes the max as its ``amax`` argument; under sequence pa
 still this rank's, and the op all-reduces it over the group as before (``hif8/group.py``).
 Left to the op: an activation that an attention call wrote (through views only: the head merge).
 Nothing fuses into that kernel, so the max would run alone, and there Inductor's two-step
-reduction was slower than the op's own (torch's, 0.35-0.40 against 0.29 ms for a 14B activation
+reduction was slower than the op's own (torch's, 0.35-0.42 against 0.29 ms for a 14B activation
 on the H100).
 
 Which linears: ``osp::hif8_linear`` nodes without an ``amax``. Linears that read one activation
