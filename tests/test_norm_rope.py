@@ -145,6 +145,6 @@ def test_kernel_on_cuda_against_the_op_and_float64(dtype):
     got = torch.ops.osp_cuda.rms_norm_rope(x.cuda(), w.cuda(), 1e-6, cos.cuda(), sin.cuda(), heads).cpu()
     want = rms_norm_rope(x, w, 1e-6, cos, sin, heads)
     exact = rms_norm_rope(x.double(), w.double(), 1e-6, cos.double(), sin.double(), heads)
-    differ = got != want
-    assert differ.float().mean() <= (1e-3 if dtype == torch.bfloat16 else 1.0)
+    if dtype == torch.bfloat16:  # in float32 every contraction shows; the float64 bound below is the check
+        assert (got != want).float().mean() <= 1e-3
     assert rel_err(got, exact) <= 1.01 * rel_err(want, exact) + 1e-6
