@@ -15,21 +15,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from osp_compile.report import PassReport
-from .fx_utils import call_args, op_name, shape_of
+from .fx_utils import call_args, call_kind, shape_of
 
 _CASTS = {"to", "float", "half", "bfloat16", "type_as", "type", "contiguous"}
 _MATMUL = {"matmul", "bmm"}
 
 
-def _kind(node) -> str:
-    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-        return ""
-    name = op_name(node)
-    return name[len("method:"):] if name.startswith("method:") else name
-
-
 def _skip_casts(node, chain):
-    while _kind(node) in _CASTS:
+    while call_kind(node) in _CASTS:
         chain.append(node)
         node = node.args[0]
     return node
@@ -37,7 +30,7 @@ def _skip_casts(node, chain):
 
 def _transposed_last_two(node) -> fx.Node | None:
     """k if node is k.transpose(-2, -1) / k.mT / k.permute(..., -1, -2), else None."""
-    kind = _kind(node)
+    kind = call_kind(node)
     shape = shape_of(node)
     if shape is None:
         return None
@@ -58,18 +51,18 @@ def _transposed_last_two(node) -> fx.Node | None:
 
 def _match_chain(out: fx.Node):
     """Return (q, k, v, scale, intermediate nodes) for a matmul-softmax-matmul chain ending at `out`."""
-    if _kind(out) not in _MATMUL or len(out.args) < 2:
+    if call_kind(out) not in _MATMUL or len(out.args) < 2:
         return None
     chain: list[fx.Node] = []
     probs, v = out.args[0], out.args[1]
     node = _skip_casts(probs, chain)
-    if _kind(node) == "dropout":
+    if call_kind(node) == "dropout":
         a = call_args(node, ["input", "p", "training"], {"p": 0.5, "training": True})
         if a["p"] != 0.0:
             return None
         chain.append(node)
         node = _skip_casts(a["input"], chain)
-    if _kind(node) != "softmax":
+    if call_kind(node) != "softmax":
         return None
     dim = call_args(node, ["input", "dim"]).get("dim")
     n = len(shape_of(node) or ())
@@ -78,17 +71,17 @@ def _match_chain(out: fx.Node):
     chain.append(node)
     node = _skip_casts(node.args[0], chain)
     scale = 1.0
-    if _kind(node) in ("mul", "truediv", "div"):
+    if call_kind(node) in ("mul", "truediv", "div"):
         lhs, rhs = node.args[0], node.args[1]
         if isinstance(rhs, numbers.Number):
-            scale = float(rhs) if _kind(node) == "mul" else 1.0 / float(rhs)
-        elif isinstance(lhs, numbers.Number) and _kind(node) == "mul":
+            scale = float(rhs) if call_kind(node) == "mul" else 1.0 / float(rhs)
+        elif isinstance(lhs, numbers.Number) and call_kind(node) == "mul":
             scale, rhs, lhs = float(lhs), lhs, rhs
         else:
             return None
         chain.append(node)
         node = _skip_casts(lhs, chain)
-    if _kind(node) not in _MATMUL:
+    if call_kind(node) not in _MATMUL:
         return None
     chain.append(node)
     q, kt = node.args[0], node.args[1]
@@ -106,7 +99,7 @@ def canonicalize_attention_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule
     g = gm.graph
     rows = []
     for node in list(g.nodes):
-        kind = _kind(node)
+        kind = call_kind(node)
         if kind == "flash_attn_func":
             a = call_args(node, ["q", "k", "v", "dropout_p", "softmax_scale", "causal"],
                           {"dropout_p": 0.0, "softmax_scale": None, "causal": False})

@@ -74,6 +74,22 @@ _SIGNATURES: dict[Any, list[str]] = {
 }
 
 
+def differentiated(*nodes: Any) -> bool:
+    """Whether autograd records through any of these nodes (or example values): grad mode is on and
+    one of their example values requires grad. A kernel without a backward refuses such a node."""
+    return torch.is_grad_enabled() and any(isinstance(v := meta_value(n), torch.Tensor) and v.requires_grad
+                                           for n in nodes)
+
+
+def call_kind(node: Any) -> str:
+    """What a call node calls, without the ``method:`` prefix ('mul', 'layer_norm', 'view'); '' for
+    anything that is not a call_function / call_method node."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return ""
+    name = op_name(node)
+    return name[len("method:"):] if name.startswith("method:") else name
+
+
 def call_args(node: fx.Node, names: Sequence[str], defaults: dict | None = None) -> dict:
     """Positional and keyword arguments of a call, by parameter name."""
     out = dict(defaults or {})

@@ -26,15 +26,9 @@ import torch.fx as fx
 
 from osp_compile.ops import rms_norm_rope
 from osp_compile.report import PassReport
-from .analysis import _kind_of
-from .fx_utils import call_args, meta_value
+from .fx_utils import call_args, call_kind, meta_value
 
 _MUL, _ADD = "mul", "add"
-
-
-def _kind(node) -> str | None:
-    return _kind_of(node, node.graph.owning_module) if isinstance(node, fx.Node) and node.op in (
-        "call_function", "call_method") else None
 
 
 def _other(node: fx.Node, one) -> object:
@@ -46,27 +40,27 @@ def _other(node: fx.Node, one) -> object:
 def _rms_norm(y: fx.Node) -> dict | None:
     """``{"x", "weight", "eps"}`` of ``y = (xf * rsqrt(mean(xf^2, -1, keepdim) + eps)).type_as(x) * weight``,
     its nodes (users first) and whether any of them is read outside it (``xf`` is read twice inside)."""
-    if _kind(y) != _MUL:
+    if call_kind(y) != _MUL:
         return None
     for cast, weight in ((y.args[0], y.args[1]), (y.args[1], y.args[0])):
-        if _kind(cast) != "type_as" or not isinstance(weight, fx.Node):
+        if call_kind(cast) != "type_as" or not isinstance(weight, fx.Node):
             continue
         scaled, x = cast.args[:2]
-        if _kind(scaled) != _MUL:
+        if call_kind(scaled) != _MUL:
             continue
         for xf, rsqrt in ((scaled.args[0], scaled.args[1]), (scaled.args[1], scaled.args[0])):
-            if _kind(xf) != "float" or xf.args[0] is not x or _kind(rsqrt) != "rsqrt":
+            if call_kind(xf) != "float" or xf.args[0] is not x or call_kind(rsqrt) != "rsqrt":
                 continue
             shifted = rsqrt.args[0]
-            if _kind(shifted) != _ADD:
+            if call_kind(shifted) != _ADD:
                 continue
-            mean = next((a for a in shifted.args[:2] if _kind(a) == "mean"), None)
+            mean = next((a for a in shifted.args[:2] if call_kind(a) == "mean"), None)
             eps = _other(shifted, mean) if mean is not None else None
             if not isinstance(eps, float):
                 continue
             m = call_args(mean, ["input", "dim", "keepdim"], {"keepdim": False})
             square = m["input"]
-            if (m["dim"] not in (-1, [-1], (-1,)) or not m["keepdim"] or _kind(square) != "pow"
+            if (m["dim"] not in (-1, [-1], (-1,)) or not m["keepdim"] or call_kind(square) != "pow"
                     or square.args[0] is not xf or square.args[1:2] != (2,)):
                 continue
             nodes = [y, cast, scaled, rsqrt, shifted, mean, square, xf]
@@ -78,36 +72,36 @@ def _rms_norm(y: fx.Node) -> dict | None:
 def _rope(view: fx.Node) -> dict | None:
     """``{"out", "cos", "sin"}`` of the interleaved rotation of ``view`` (module docstring)."""
     readers = list(view.users)
-    qf = next((u for u in readers if _kind(u) == "float"), None)
-    out = next((u for u in readers if _kind(u) == "type_as" and u.args[1] is view), None)
+    qf = next((u for u in readers if call_kind(u) == "float"), None)
+    out = next((u for u in readers if call_kind(u) == "type_as" and u.args[1] is view), None)
     if qf is None or out is None or len(readers) != 2:
         return None
     total = out.args[0]
-    if _kind(total) != _ADD or len(total.args) != 2 or not all(_kind(a) == _MUL for a in total.args[:2]):
+    if call_kind(total) != _ADD or len(total.args) != 2 or not all(call_kind(a) == _MUL for a in total.args[:2]):
         return None
     by_cos = next((m for m in total.args[:2] if qf in m.args[:2]), None)
     by_sin = _other(total, by_cos) if by_cos is not None else None
     if by_cos is None or by_sin is None:
         return None
     cos = _other(by_cos, qf)
-    rotated = next((a for a in by_sin.args[:2] if _kind(a) == "flatten"), None)
+    rotated = next((a for a in by_sin.args[:2] if call_kind(a) == "flatten"), None)
     sin = _other(by_sin, rotated) if rotated is not None else None
     if not isinstance(cos, fx.Node) or not isinstance(sin, fx.Node) or rotated.args[1:2] != (-2,):
         return None
     stack = rotated.args[0]
-    pair = call_args(stack, ["tensors", "dim"], {"dim": 0}) if _kind(stack) == "stack" else None
+    pair = call_args(stack, ["tensors", "dim"], {"dim": 0}) if call_kind(stack) == "stack" else None
     if pair is None or pair["dim"] != -1 or len(pair["tensors"]) != 2:
         return None
     neg, even = pair["tensors"]
-    odd = neg.args[0] if _kind(neg) == "neg" else None
+    odd = neg.args[0] if call_kind(neg) == "neg" else None
     halves = [even, odd]
     if not all(isinstance(h, fx.Node) and h.target is operator.getitem for h in halves):
         return None
     unbind = even.args[0]
-    if odd.args[0] is not unbind or (even.args[1], odd.args[1]) != (0, 1) or _kind(unbind) != "unbind":
+    if odd.args[0] is not unbind or (even.args[1], odd.args[1]) != (0, 1) or call_kind(unbind) != "unbind":
         return None
     pairs = unbind.args[0]
-    if (unbind.args[1:2] != (-1,) or _kind(pairs) != "unflatten" or pairs.args[0] is not qf
+    if (unbind.args[1:2] != (-1,) or call_kind(pairs) != "unflatten" or pairs.args[0] is not qf
             or tuple(pairs.args[1:3]) != (-1, (-1, 2))):
         return None
     inner = [out, total, by_cos, by_sin, rotated, stack, neg, odd, even, unbind, pairs, qf]
@@ -145,7 +139,7 @@ def norm_rope_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]
     g = gm.graph
     rows = []
     for view in list(g.nodes):
-        if _kind(view) not in ("view", "reshape") or not isinstance(view.args[0], fx.Node):
+        if call_kind(view) not in ("view", "reshape") or not isinstance(view.args[0], fx.Node):
             continue
         norm = _rms_norm(view.args[0])
         if norm is None:

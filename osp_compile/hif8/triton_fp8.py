@@ -56,13 +56,9 @@ QUANTIZE, ABS_MAX = 0, 1
 ``out[0]``."""
 
 
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
 def _act_e4m3_kernel(x_ptr, amax_ptr, out_ptr, dequant_ptr, n, scale_max,
                      POW2: tl.constexpr, GELU: tl.constexpr, PASS: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr,
-                     COMPILED: tl.constexpr, INTERPRET_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                     COMPILED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = (pid.to(tl.int64) if WIDE else pid) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
@@ -89,7 +85,7 @@ def _act_e4m3_kernel(x_ptr, amax_ptr, out_ptr, dequant_ptr, n, scale_max,
             y = y.to(x.dtype).to(tl.float32)
     if PASS == 1:  # ABS_MAX (magnitudes only: from a zeroed float nothing is lost)
         y = tl.abs(y)
-        tl.atomic_max(out_ptr, tl.max(y, axis=0) if INTERPRET_MAX is None else tl.reduce(y, 0, INTERPRET_MAX))
+        tl.atomic_max(out_ptr, tl.reduce(y, 0, tl.standard._elementwise_max))  # tl.max, as the interpreter runs it
         return
     amax = tl.load(amax_ptr).to(tl.float32)
     amax_bits = amax.to(tl.int32, bitcast=True)
@@ -122,20 +118,20 @@ def _shape_constants(n: int, block: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def _kernel(interpret: bool):
     """``(kernel, constants)``: the kernel for CUDA (autotuned over BLOCK and warps) or the
-    interpreter, and the constants that say which (``COMPILED``: see the module docstring).  An
-    interpreter entered without ``TRITON_INTERPRET`` cannot call ``tl.max`` (its combine function
-    is a compiled ``@jit`` one), so there the max pass reduces with ``tl.reduce`` over `_maximum`,
-    wrapped for the interpreter and handed in as ``INTERPRET_MAX``; the atomics are the GPU's code."""
+    interpreter, and the constants that say which (``COMPILED``: see the module docstring).  The
+    max pass reduces with ``tl.reduce`` over ``tl.standard``'s combine function, which the
+    interpreter recognises: ``tl.max`` itself is a compiled ``@jit`` function that an interpreter
+    entered without ``TRITON_INTERPRET`` cannot call.  The atomics are the GPU's code."""
     global tl
     triton, tl, wrap = triton_kernels.jit_wrapper(interpret)
     kernel = wrap(_act_e4m3_kernel)
     if interpret:
-        return kernel, {"COMPILED": False, "INTERPRET_MAX": wrap(_maximum)}
+        return kernel, {"COMPILED": False}
     configs = [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
     shape = triton.heuristics({name: (lambda args, name=name: _shape_constants(args["n"], args["BLOCK"])[name])
                                for name in ("EVEN", "WIDE")})
     # the max passes accumulate with atomics: every trial leaves the same max, so tuning them is harmless
-    return triton.autotune(configs, key=["n", "GELU", "PASS"])(shape(kernel)), {"COMPILED": True, "INTERPRET_MAX": None}
+    return triton.autotune(configs, key=["n", "GELU", "PASS"])(shape(kernel)), {"COMPILED": True}
 
 
 def quantize_act_e4m3_triton(x: torch.Tensor, scale_max: float, amax: torch.Tensor | None = None,

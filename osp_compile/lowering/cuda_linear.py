@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from passes.fx_utils import call_args, meta_value
+from passes.fx_utils import call_args, differentiated, meta_value
 
 from .registry import register_kernel
 
@@ -40,7 +40,7 @@ def epilogue_refusal(node) -> str | None:
         return "no example values for the inputs"
     if x.dtype not in EPILOGUE_DTYPES or w.dtype != x.dtype or b.dtype != x.dtype:
         return f"dtypes {x.dtype}/{w.dtype}/{b.dtype}: the epilogue kernel takes one of float16, bfloat16"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w, b)):
+    if differentiated(x, w, b):
         return "autograd: PyTorch has no derivative for _addmm_activation (training keeps linear + GELU)"
     return None
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from osp_compile.hif8 import triton_kernels
 from osp_compile.ops import _rms_norm_rope
-from passes.fx_utils import call_args, meta_value
+from passes.fx_utils import call_args, differentiated, meta_value
 from passes.norm_rope import table_fits
 
 from .registry import register_kernel
@@ -34,7 +34,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, tokens, heads, table_stride, eps,
-                          GROUP: tl.constexpr, D: tl.constexpr, INTERPRET_ADD: tl.constexpr):
+                          GROUP: tl.constexpr, D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, GROUP)[:, None]
     d = tl.arange(0, D)[None, :]
@@ -44,7 +44,7 @@ def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, tokens, heads
     for h0 in range(0, heads, GROUP):  # the row's sum of squares, GROUP heads at a time
         x = tl.load(x_row + (h0 + h) * D + d, mask=h0 + h < heads, other=0.0).to(tl.float32)
         squares = tl.reshape(x * x, [GROUP * D])
-        total += tl.sum(squares, axis=0) if INTERPRET_ADD is None else tl.reduce(squares, 0, INTERPRET_ADD)
+        total += tl.reduce(squares, 0, tl.standard._sum_combine)  # tl.sum, in a form the interpreter runs too
     rstd = tl.math.rsqrt(total / (heads * D) + eps)
     table = (row % tokens) * table_stride + tl.arange(0, D)
     cos_e, cos_o = tl.split(tl.reshape(tl.load(cos_ptr + table).to(tl.float32), [D // 2, 2]))
@@ -60,22 +60,19 @@ def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, tokens, heads
         tl.store(out_row + offs, tl.reshape(out, [GROUP, D]).to(dtype), mask=inb)
 
 
-def _add(a, b):
-    return a + b
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel(interpret: bool):
-    """``(kernel, constants)``: autotuned over GROUP and warps for CUDA, or for the interpreter,
-    which cannot call ``tl.sum``'s compiled combine function: there the sum is ``tl.reduce`` over
-    `_add` (``INTERPRET_ADD``), as in ``hif8/triton_fp8.py``."""
+    """The kernel, autotuned over GROUP and warps for CUDA, or for the interpreter (whose launches
+    pass GROUP). Its sum is ``tl.reduce`` over ``tl.standard``'s combine function, as in
+    ``hif8/triton_fp8.py``: an interpreter entered without ``TRITON_INTERPRET`` cannot call
+    ``tl.sum``, a compiled ``@jit`` function."""
     global tl
     triton, tl, wrap = triton_kernels.jit_wrapper(interpret)
     kernel = wrap(_rms_norm_rope_kernel)
     if interpret:
-        return kernel, {"INTERPRET_ADD": wrap(_add)}
+        return kernel
     configs = [triton.Config({"GROUP": g}, num_warps=w) for g in (4, 8, 16) for w in (2, 4, 8)]
-    return triton.autotune(configs, key=["heads", "D"])(kernel), {"INTERPRET_ADD": None}
+    return triton.autotune(configs, key=["heads", "D"])(kernel)
 
 
 def _launch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
@@ -93,11 +90,8 @@ def _launch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, hea
     tables = [t.reshape(-1, head_dim).contiguous() for t in (cos, sin)]
     args = (xc, weight.contiguous(), *tables, out, tokens, heads, head_dim if tokens > 1 else 0, float(eps))
     interpret = x.device.type == "cpu"
-    kernel, which = _kernel(interpret)
-    if interpret:
-        which = {**which, "GROUP": 4}
     with triton_kernels._on(x.device):
-        kernel[(rows,)](*args, D=head_dim, **which)
+        _kernel(interpret)[(rows,)](*args, D=head_dim, **({"GROUP": 4} if interpret else {}))
     return out
 
 
@@ -127,8 +121,7 @@ def refusal(node) -> str | None:
     head_dim = x.shape[-1] // a["heads"]
     if head_dim < 2 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two (Triton's tiles)"
-    tables = [meta_value(a[k]) for k in ("cos", "sin")]
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, w, *tables)):
+    if differentiated(x, w, a["cos"], a["sin"]):
         return "autograd: the kernel has no backward (training keeps the op's calls)"
     return None
 
