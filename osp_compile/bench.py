@@ -412,9 +412,12 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         if base and r.median_ms and r.variant not in ABLATIONS:
             r.speedup_vs_inductor = round(base / r.median_ms, 3)
     timed = {r.variant: r.median_ms for r in rows if r.median_ms}
-    costs = [{"work": a.work, "of": a.of, "ablation": name, "ms": round(timed[a.of] - timed[name], 2),
-              "share_of_step": round((timed[a.of] - timed[name]) / timed[a.of], 4)}
-             for name, a in ABLATIONS.items() if a.of in timed and name in timed]
+    costs = []
+    for name, a in ABLATIONS.items():
+        if a.of in timed and name in timed:
+            cost = timed[a.of] - timed[name]
+            costs.append({"work": a.work, "of": a.of, "ablation": name, "ms": round(cost, 2),
+                          "share_of_step": round(cost / timed[a.of], 4)})
     return {**setup, "ablation_costs": costs, "rows": [asdict(r) for r in rows]}
 
 

@@ -156,16 +156,14 @@ def quantize_act_e4m3(x: torch.Tensor, scale_max: float = X_SCALE_MAX, amax: tor
 
 def _group_amax(x: torch.Tensor, group: str, gelu: str | None, amax: torch.Tensor | None) -> torch.Tensor | None:
     """``group.group_amax`` of ``x`` (``amax``: this shard's, computed by the caller), or of
-    ``F.gelu(x)`` computed without writing it (on CUDA)."""
+    ``F.gelu(x)`` computed by the fused kernels without writing it (``gelu``: CUDA only)."""
     if gelu is None:
         return group_amax(x, group, amax)
     if not group:
         return None
-    if _fused_kernels(x):
-        from .triton_fp8 import absmax_triton
+    from .triton_fp8 import absmax_triton
 
-        return reduce_amax(absmax_triton(x, gelu), group)
-    return group_amax(F.gelu(x, approximate=gelu), group)
+    return reduce_amax(absmax_triton(x, gelu), group)
 
 
 _LAST_ACTIVATION: tuple | None = None  # (weakref to x, x's version, (group, gelu, amax), (x8, dequant))
@@ -186,7 +184,11 @@ def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str, gelu: str | None 
         ref, version, (last_group, last_gelu, last_amax), result = _LAST_ACTIVATION
         if ref() is x and x._version == version and (last_group, last_gelu) == (group, gelu) and last_amax is amax:
             return result
-    result = quantize_act_e4m3(x.reshape(-1, x.shape[-1]), X_SCALE_MAX, _group_amax(x, group, gelu, amax), gelu)
+    act, prologue = x, gelu
+    if gelu is not None and not _fused_kernels(x):  # no fused GELU here: computed once, for the max and the pass
+        act, prologue = F.gelu(x, approximate=gelu), None
+    rows = act.reshape(-1, act.shape[-1])
+    result = quantize_act_e4m3(rows, X_SCALE_MAX, _group_amax(act, group, prologue, amax), prologue)
     _LAST_ACTIVATION = (weakref.ref(x), x._version, (group, gelu, amax), result) if reuse else None
     return result
 
