@@ -30,11 +30,11 @@ from osp_compile.errors import OSPAnalysisError
 from osp_compile.report import LAYOUT_KINDS
 from .fx_utils import (
     call_args,
+    call_kind,
     hint,
     is_sdpa,
     meta_value,
     normalize_dim,
-    op_name,
     product,
     same_size,
     sdpa_args,
@@ -136,8 +136,7 @@ def _kind_of(node: fx.Node, gm: fx.GraphModule) -> str:
             if isinstance(mod, cls):
                 return kind
         return f"module:{type(mod).__name__}"
-    name = op_name(node)
-    return name[len("method:"):] if name.startswith("method:") else name
+    return call_kind(node) or node.op
 
 
 class _Tracker:

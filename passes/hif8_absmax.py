@@ -22,15 +22,15 @@ import torch
 import torch.fx as fx
 
 from osp_compile.report import PassReport
-from .analysis import _PERMUTES, _RESHAPES, _kind_of
-from .fx_utils import is_sdpa, meta_value
+from .analysis import _PERMUTES, _RESHAPES
+from .fx_utils import call_kind, is_sdpa, meta_value
 
 
 def _attention_behind(x: fx.Node) -> fx.Node | None:
     """The attention call that wrote ``x``, seen through views (reshapes, transposes), or None."""
     node = x
     views = _RESHAPES | _PERMUTES
-    while node.op in ("call_function", "call_method") and _kind_of(node, node.graph.owning_module) in views:
+    while call_kind(node) in views:
         node = node.args[0]
     return node if is_sdpa(node) else None
 
