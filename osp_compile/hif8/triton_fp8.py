@@ -117,21 +117,20 @@ def _shape_constants(n: int, block: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(interpret: bool):
-    """``(kernel, constants)``: the kernel for CUDA (autotuned over BLOCK and warps) or the
-    interpreter, and the constants that say which (``COMPILED``: see the module docstring).  The
-    max pass reduces with ``tl.reduce`` over ``tl.standard``'s combine function, which the
+    """The kernel for CUDA (autotuned over BLOCK and warps) or the interpreter (launched with
+    ``COMPILED`` False: see the module docstring).  The max pass reduces with ``tl.reduce`` over ``tl.standard``'s combine function, which the
     interpreter recognises: ``tl.max`` itself is a compiled ``@jit`` function that an interpreter
     entered without ``TRITON_INTERPRET`` cannot call.  The atomics are the GPU's code."""
     global tl
     triton, tl, wrap = triton_kernels.jit_wrapper(interpret)
     kernel = wrap(_act_e4m3_kernel)
     if interpret:
-        return kernel, {"COMPILED": False}
+        return kernel
     configs = [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
     shape = triton.heuristics({name: (lambda args, name=name: _shape_constants(args["n"], args["BLOCK"])[name])
                                for name in ("EVEN", "WIDE")})
     # the max passes accumulate with atomics: every trial leaves the same max, so tuning them is harmless
-    return triton.autotune(configs, key=["n", "GELU", "PASS"])(shape(kernel)), {"COMPILED": True}
+    return triton.autotune(configs, key=["n", "GELU", "PASS"])(shape(kernel))
 
 
 def quantize_act_e4m3_triton(x: torch.Tensor, scale_max: float, amax: torch.Tensor | None = None,
@@ -179,9 +178,9 @@ def _launch(xc, amax, out, dequant, scale_max: float, shift: int, gelu: str | No
         raise ValueError(f"gelu must be one of {sorted(GELU_CODES, key=str)} (F.gelu's approximate), got {gelu!r}")
     n = xc.numel()
     interpret = xc.device.type == "cpu"
-    kernel, which = _kernel(interpret)
+    kernel = _kernel(interpret)
     args = (xc, amax, out, dequant, n, float(scale_max))
-    consts = {"POW2": 2.0 ** shift, "GELU": GELU_CODES[gelu], "PASS": pass_, **which}
+    consts = {"POW2": 2.0 ** shift, "GELU": GELU_CODES[gelu], "PASS": pass_, "COMPILED": not interpret}
     with triton_kernels._on(xc.device):
         if interpret:
             kernel[(-(-n // BLOCK_INTERPRET),)](*args, **consts, **_shape_constants(n, BLOCK_INTERPRET),
