@@ -21,9 +21,8 @@ from osp_compile.hif8 import triton_gemm
 from test_hif8_infer import _linear_case, install_fake_torch_npu
 from test_hif8_ssp import PEER_AMAX, _with_peer, peer  # noqa: F401  (peer: the emulated SP group fixture)
 from test_linear_fusions import _rows
+from markers import needs_cuda, needs_interp
 
-needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 LATENT = (2, 8, 16)
 

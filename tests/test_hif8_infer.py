@@ -24,9 +24,8 @@ from osp_compile.lowering.registry import kernels_for
 from osp_compile.oracle import masked_oracle, rel_err
 from reference_model import PRESETS, build_model, make_inputs
 from test_hif8_qat import block_linears, fq_ref, hif8_dtype, hif8_rows, patch_linears, unpatch_linears
+from markers import needs_cuda, needs_interp
 
-needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 needs_sm89 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
                                 reason="FP8 tensor cores need CUDA capability >= 8.9")
 

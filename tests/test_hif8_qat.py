@@ -18,8 +18,7 @@ from osp_compile.backend import report_for
 from osp_compile.hif8 import hif8_qat_linear
 from osp_compile.oracle import masked_oracle, rel_err
 from reference_model import PRESETS, build_model, make_inputs
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+from markers import needs_cuda
 
 
 # ------------------------------------------------------------------- independent reference

@@ -16,9 +16,8 @@ from reference_model import PRESETS, build_model, make_inputs
 from reference_model.model import RMSNorm, apply_rope, rope_cos_sin
 from test_hif8_fusions import output_and_input_grad
 from test_linear_fusions import _rows
+from markers import needs_cuda, needs_interp
 
-needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 LATENT = (3, 14, 20)  # two length classes per sparse site
 SMALL = (2, 4, 8)
