@@ -1,6 +1,7 @@
 """Single-device speed of one denoising step: dense vs OSP, measured side by side in one process.
 
-One step = one forward of the transformer (bf16, random weights) at a named resolution, 81 frames.
+One step = one forward of the transformer (bf16, random weights) at a named resolution, 81 frames
+(`frames` sets fewer for a quick run; the goals are set at 81).
 Variants: dense eager; dense under torch.compile (Inductor) - the fair baseline; OSP via
 `convert()` (Dynamo graph, eager kernels); OSP via ``torch.compile(backend="osp")`` (Inductor);
 OSP + ``quant="hif8-infer"`` (when its kernels exist for the device; ``osp-hif8-fast`` with
@@ -84,6 +85,8 @@ class Row:
     note: str = ""
     gpu_state: dict = field(default_factory=dict)
     breakdown: dict = field(default_factory=dict)
+    round_medians_ms: list = field(default_factory=list)  # rounds > 1: the median of each round
+    round_speedups: list = field(default_factory=list)  # the baseline's round median / this one's, round by round
 
 
 def step_timer(device: str) -> Callable[[Callable], float]:
@@ -129,14 +132,15 @@ class GPUSampler:
     A long step can hold the GPU at its power limit, where the clock drops and every kernel slows;
     a kernel timed alone then runs faster than it does inside the model. The summary (median SM
     MHz, median W, share of samples throttled by the power cap) says which regime a row ran in.
-    Nothing is sampled off CUDA or where ``nvidia-smi`` is missing."""
+    Nothing is sampled off CUDA or where ``nvidia-smi`` is missing. Entered again (the rounds of
+    an interleaved run), it keeps sampling into the same summary."""
 
     QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
     SW_POWER_CAP = 0x4
 
     def __init__(self, device: str, interval_ms: int = 100):
         self.device, self.interval_ms = device, interval_ms
-        self.proc = None
+        self.proc, self.output = None, ""
 
     def __enter__(self) -> "GPUSampler":
         import shutil
@@ -152,7 +156,7 @@ class GPUSampler:
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            self.output, _ = self.proc.communicate(timeout=10)
+            self.output += self.proc.communicate(timeout=10)[0] + "\n"  # a line cut off stays alone
 
     def summary(self) -> dict:
         if self.proc is None:
@@ -324,11 +328,69 @@ def attention_calls(gpu_events) -> list[dict]:
     return [{"ms": round(e.time_range.elapsed_us() / 1e3, 3), "name": e.name[:60]} for e in events]
 
 
+def _timed(step: Callable, timer: Callable, iters: int, sampler: GPUSampler) -> list[float]:
+    with sampler:
+        return [timer(step) for _ in range(iters)]
+
+
+def _finish(row: Row, times: list[float], sampler: GPUSampler, step: Callable, device: str, profile: bool) -> None:
+    """A row's statistics from all its timed steps, then its profile (one more step, not timed)."""
+    row.gpu_state = sampler.summary()
+    row.median_ms, row.min_ms = round(statistics.median(times), 2), round(min(times), 2)
+    if profile and row.variant != "dense-eager":
+        row.breakdown = profile_breakdown(step, device)
+
+
+def _interleaved_rounds(live: dict[str, tuple[Row, Callable]], timer: Callable, iters: int, rounds: int, device: str,
+                        profile: bool, progress: bool) -> None:
+    """Time compiled variants in rounds, each round `iters` steps of every variant, the order reversed
+    every other round (A B, B A, A B, ...): a slow drift of the GPU's state (clock, temperature,
+    power cap) then reaches every variant alike, and each round gives one paired ratio."""
+    samplers = {v: GPUSampler(device) for v in live}
+    times: dict[str, list[float]] = {v: [] for v in live}
+    order = list(live)
+    rounds_iter = range(rounds)
+    if progress:
+        from tqdm import tqdm
+
+        rounds_iter = tqdm(rounds_iter, desc="rounds", unit="round")
+    for r in rounds_iter:
+        for variant in order if r % 2 == 0 else order[::-1]:
+            row, step = live[variant]
+            if row.note.startswith("failed"):
+                continue
+            try:
+                with torch.no_grad():
+                    t = _timed(step, timer, iters, samplers[variant])
+            except Exception as exc:
+                row.note = f"failed in round {r + 1}: {type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            row.round_medians_ms.append(round(statistics.median(t), 2))
+            times[variant] += t
+    for variant, (row, step) in live.items():
+        if not row.note.startswith("failed"):
+            with torch.no_grad():
+                _finish(row, times[variant], samplers[variant], step, device, profile)
+
+
 def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None = None, num_full_blocks: int | None = None,
         sparse_ratio: int = 2, variants=DEFAULT_VARIANTS, warmup: int = 2, iters: int = 5, device: str = "cuda",
-        profile: bool = True, progress: bool = True, partial_json: str | None = None) -> dict:
+        profile: bool = True, progress: bool = True, partial_json: str | None = None, rounds: int = 1,
+        frames: int = 81) -> dict:
     """One step of each variant, side by side (see the module docstring). ``partial_json``: rewrite
-    this file after every variant with the rows so far, so that a run cut short keeps them."""
+    this file after every variant with the rows so far, so that a run cut short keeps them.
+
+    ``rounds``: 1 times each variant right after compiling it (then drops it). More compiles every
+    variant first and keeps them all, then times them interleaved (`_interleaved_rounds`); each row
+    gets its per-round medians and its per-round ratios to the baseline, whose spread says how far
+    a single run's ratio can be trusted. Peak memory then includes what the variants compiled
+    before held (their weights and HiF8 codes). Ablations patch code while they run, so they time
+    alone (rounds=1)."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: need at least 1")
+    if rounds > 1 and any(v in ABLATIONS for v in variants):
+        raise ValueError(f"rounds={rounds}: the ablations ({', '.join(v for v in variants if v in ABLATIONS)}) patch "
+                         "code while they run and cannot be interleaved; time them with rounds=1")
     from reference_model import PRESETS, make_inputs, token_grid, latent_shape
 
     from . import OSPConfig, convert
@@ -339,14 +401,14 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
     total = layers or cfg.num_layers
     full = full_blocks_for(total, preset, num_full_blocks)
     model = build(preset, layers, device, dtype)
-    args, kwargs = make_inputs(cfg, resolution=resolution, device=device, dtype=dtype)
-    grid = token_grid(cfg, latent_shape(resolution))
+    args, kwargs = make_inputs(cfg, resolution=resolution, frames=frames, device=device, dtype=dtype)
+    grid = token_grid(cfg, latent_shape(resolution, frames))
     config = OSPConfig(sparse_ratio=sparse_ratio, layout="dual_end", num_full_blocks=full)
     timer = step_timer(device)
     setup = {  # what every result (and a partial one) says about the run
-        "preset": preset, "resolution": resolution, "layers": total, "full_blocks": full, "sparse_ratio": sparse_ratio,
+        "preset": preset, "resolution": resolution, "frames": frames, "layers": total, "full_blocks": full, "sparse_ratio": sparse_ratio,
         "grid": grid, "tokens": grid[0] * grid[1] * grid[2], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "dtype": str(dtype), "warmup": warmup, "iters": iters,
+        "torch": torch.__version__, "dtype": str(dtype), "warmup": warmup, "iters": iters, "rounds": rounds,
         "layer_reduced": layers is not None and layers != cfg.num_layers,
     }
     rows: list[Row] = []
@@ -371,11 +433,13 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         from tqdm import tqdm
 
         iterator = tqdm(variants, desc="bench", unit="variant")
+    live: dict[str, tuple[Row, Callable]] = {}  # rounds > 1: compiled variants, timed after all compiled
     for variant in iterator:
         ablation = ABLATIONS.get(variant)
         row = Row(variant, note=VARIANT_HELP[variant] if ablation else "")
         try:
-            torch._dynamo.reset()
+            if rounds == 1 or not live:  # interleaved variants stay compiled side by side
+                torch._dynamo.reset()
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -391,26 +455,29 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
                     first_step_done()
                 for _ in range(warmup):
                     step()
-                with GPUSampler(device) as sampler:
-                    times = [timer(step) for _ in range(iters)]
-                row.gpu_state = sampler.summary()
-                row.median_ms, row.min_ms = round(statistics.median(times), 2), round(min(times), 2)
                 if device == "cuda":
                     row.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if profile and variant != "dense-eager":
-                    row.breakdown = profile_breakdown(step, device)
+                if rounds > 1:
+                    live[variant] = (row, step)
+                else:
+                    sampler = GPUSampler(device)
+                    _finish(row, _timed(step, timer, iters, sampler), sampler, step, device, profile)
             del fn, step
         except Exception as exc:  # one failing variant must not hide the others
             row.note = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
         if progress:
-            iterator.write(f"  {variant}: median {row.median_ms} ms, compiled in {row.compile_s} s {row.note}".rstrip())
+            done = f"median {row.median_ms} ms, " if rounds == 1 else ""
+            iterator.write(f"  {variant}: {done}compiled in {row.compile_s} s {row.note}".rstrip())
         if partial_json:
             dump({**setup, "partial": True, "rows": [asdict(r) for r in rows]}, partial_json)
-    base = next((r.median_ms for r in rows if r.variant == "dense-inductor" and r.median_ms), None)
+    if live:
+        _interleaved_rounds(live, timer, iters, rounds, device, profile, progress)
+    baseline = next((r for r in rows if r.variant == "dense-inductor" and r.median_ms), None)
     for r in rows:
-        if base and r.median_ms and r.variant not in ABLATIONS:
-            r.speedup_vs_inductor = round(base / r.median_ms, 3)
+        if baseline and r.median_ms and r.variant not in ABLATIONS:
+            r.speedup_vs_inductor = round(baseline.median_ms / r.median_ms, 3)
+            r.round_speedups = [round(b / m, 3) for b, m in zip(baseline.round_medians_ms, r.round_medians_ms)]
     timed = {r.variant: r.median_ms for r in rows if r.median_ms}
     costs = []
     for name, a in ABLATIONS.items():
@@ -424,12 +491,12 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
 def table(result: dict) -> str:
     from .report import format_table
 
-    head = (f"{result['preset']} {result['resolution']} grid {tuple(result['grid'])} ({result['tokens']} tokens), "
+    head = (f"{result['preset']} {result['resolution']} {result.get('frames', 81)} frames, grid {tuple(result['grid'])} ({result['tokens']} tokens), "
             f"{result['layers']} blocks{' (layer-reduced)' if result['layer_reduced'] else ''}, dual_end "
             f"{result['full_blocks']} full, P={result['sparse_ratio']}, {result['dtype']}, {result['device']}, "
-            f"torch {result['torch']}, median of {result['iters']}")
+            f"torch {result['torch']}, median of {_samples(result)}")
     rows = [{"variant": r["variant"], "median ms": r["median_ms"], "min ms": r["min_ms"], "x vs dense+inductor":
-             r["speedup_vs_inductor"], "compile s": r["compile_s"], "peak GiB": r["peak_gib"],
+             r["speedup_vs_inductor"], **_rounds_cell(result, r), "compile s": r["compile_s"], "peak GiB": r["peak_gib"],
              "SM MHz / W / power-capped": _gpu_state_cell(r.get("gpu_state") or {}), "note": r["note"]}
             for r in result["rows"]]
     lines = [head, format_table(rows)]
@@ -446,6 +513,22 @@ def table(result: dict) -> str:
             idle = f"; GPU idle {t['idle_ms']} of {t['span_ms']} ms ({t['gaps']} gaps)" if t else ""
             lines.append(f"  profile {r['variant']}: {parts}{idle}")
     return "\n".join(lines)
+
+
+def _samples(result: dict) -> str:
+    rounds = result.get("rounds", 1)
+    if rounds == 1:
+        return str(result["iters"])
+    return f"{rounds} interleaved rounds x {result['iters']} (peak GiB includes the variants compiled before)"
+
+
+def _rounds_cell(result: dict, row: dict) -> dict:
+    """With interleaved rounds: the column of per-round ratios, as their median and range."""
+    if result.get("rounds", 1) == 1:
+        return {}
+    x = row.get("round_speedups") or []
+    cell = f"{statistics.median(x):.3f} ({min(x):.3f}-{max(x):.3f})" if x else "-"
+    return {"x per round: median (min-max)": cell}
 
 
 def _gpu_state_cell(state: dict) -> str:

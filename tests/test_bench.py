@@ -88,3 +88,50 @@ def test_prequantized_activations_replay_the_first_step_in_call_order():
     exact = x @ w.T
     assert (step(x, wide)[0] - exact).norm() < 0.1 * exact.norm()
     assert not step(torch.full_like(x, float("nan")), wide)[0].isfinite().all()  # quantizes again
+
+
+def test_interleaved_rounds_alternate_the_order_and_keep_each_rounds_median():
+    """Round 1 runs A then B, round 2 B then A, ...; every variant's samples of all rounds make its
+    median, and each round's own median is kept for the per-round ratios."""
+    order = []
+
+    def step_of(name, ms):
+        def step():
+            order.append(name)
+            return ms.pop(0)
+        return step
+
+    rows = {v: bench.Row(v) for v in ("dense-inductor", "osp-backend")}
+    live = {"dense-inductor": (rows["dense-inductor"], step_of("A", [10.0, 12.0, 30.0, 31.0, 11.0, 13.0])),
+            "osp-backend": (rows["osp-backend"], step_of("B", [5.0, 6.0, 20.0, 21.0, 4.0, 4.0]))}
+    bench._interleaved_rounds(live, lambda step: step(), iters=2, rounds=3, device="cpu", profile=False, progress=False)
+    assert "".join(order) == "AABBBBAAAABB"
+    assert rows["dense-inductor"].round_medians_ms == [11.0, 30.5, 12.0]
+    assert rows["osp-backend"].round_medians_ms == [5.5, 20.5, 4.0]
+    assert rows["dense-inductor"].median_ms == 12.5 and rows["osp-backend"].min_ms == 4.0
+
+
+def test_rounds_run_compiled_variants_side_by_side_and_refuse_ablations():
+    import pytest
+
+    result = bench.run("tiny", "480p", layers=2, num_full_blocks=0, variants=["dense-eager", "osp-convert"], warmup=0,
+                       iters=1, device="cpu", profile=False, progress=False, rounds=2, frames=1)
+    assert tuple(result["grid"]) == (1, 30, 52)
+    assert result["rounds"] == 2
+    assert [len(r["round_medians_ms"]) for r in result["rows"]] == [2, 2]
+    assert all(r["median_ms"] and not r["note"] for r in result["rows"])
+    with pytest.raises(ValueError, match="cannot be interleaved"):
+        bench.run("tiny", variants=["dense-eager", "osp-no-relayout"], device="cpu", rounds=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        bench.run("tiny", device="cpu", rounds=0)
+
+
+def test_table_of_interleaved_rounds_gives_each_rounds_ratio():
+    result = {"preset": "wan-14b", "resolution": "720p", "grid": [21, 45, 80], "tokens": 75600, "layers": 40,
+              "layer_reduced": False, "full_blocks": 8, "sparse_ratio": 2, "dtype": "torch.bfloat16",
+              "device": "H100", "torch": "2.11", "iters": 2, "rounds": 3, "ablation_costs": [],
+              "rows": [{"variant": "osp-hif8-fast", "median_ms": 50.0, "min_ms": 49.0, "speedup_vs_inductor": 2.2,
+                        "round_speedups": [2.21, 2.19, 2.205], "compile_s": 1.0, "peak_gib": 1.0, "note": "",
+                        "breakdown": {}, "gpu_state": {}}]}
+    text = bench.table(result)
+    assert "3 interleaved rounds x 2" in text and "2.205 (2.190-2.210)" in text

@@ -9,13 +9,17 @@ from ..bench import DEFAULT_VARIANTS, VARIANT_HELP
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="wan-1.3b", help="reference preset: tiny, wan-1.3b, wan-14b")
     p.add_argument("--resolution", default="480p", help="480p, 720p or 768p (81 frames)")
+    p.add_argument("--frames", type=int, default=81, help="video frames, 4n + 1 (the goals are set at 81)")
     p.add_argument("--layers", type=int, default=None, help="layer-reduced model (the table says so)")
     p.add_argument("--num-full-blocks", type=int, default=None, help="default: the paper's 14B ratio, 8 of 40")
     p.add_argument("--sparse-ratio", type=int, default=2, help="P: P*P subsequences per frame grid")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated subset of: " + "; ".join(f"{v} ({h})" for v, h in VARIANT_HELP.items()))
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
-    p.add_argument("--iters", type=int, default=5, help="timed steps; the table gives their median")
+    p.add_argument("--iters", type=int, default=5, help="timed steps (per round); the table gives their median")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="1: time each variant right after compiling it. N > 1: compile all, keep them, then time "
+                        "them in N interleaved rounds (A B, B A, ...) and show each round's ratio to the baseline")
     p.add_argument("--device", default="cuda", help="cuda (timings to report) or cpu (smoke test only)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
     p.add_argument("--json", default=None, help="write the result here (rewritten after each variant)")
@@ -26,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_bench(args.preset, args.resolution, args.layers, args.num_full_blocks, args.sparse_ratio,
                        [v for v in args.variants.split(",") if v], args.warmup, args.iters, args.device,
-                       profile=not args.no_profile, partial_json=args.json)
+                       profile=not args.no_profile, partial_json=args.json, rounds=args.rounds,
+                       frames=args.frames)
     if args.json:
         dump(result, args.json)
     print(table(result))
