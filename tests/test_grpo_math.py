@@ -114,13 +114,20 @@ def test_window_schedules():
     assert cfg.window(25 * 30) == range(23, 25)  # l capped at T - 2
     rolled = cfg.replace(roll_back=True)
     assert rolled.window(25 * 23) == range(23, 25) and rolled.window(25 * 24) == range(0, 4)
+    # a stride that does not land on T - 2, and a start other than 0: back to the start, not a modulo
+    strided = cfg.replace(roll_back=True, window_stride=5, window_schedule="progressive")
+    assert [strided.window(25 * k).start for k in range(7)] == [0, 5, 10, 15, 20, 0, 5]
+    late = cfg.replace(roll_back=True, window_start=3, window_schedule="progressive")
+    assert [late.window(25 * k).start for k in (0, 20, 21, 22)] == [3, 23, 3, 4]
+    assert cfg.replace(window_stride=5).window(25 * 6) == range(23, 25)  # no roll back: capped
     osp = MixGRPOConfig.osp_next((4, 1, 8, 8))
     assert all(osp.window(i) == range(0, 10) for i in (0, 7, 1000))
     assert (osp.clip_range, osp.kl_beta, osp.group_size) == (5e-3, 0.004, 4)
 
 
 @pytest.mark.parametrize("bad", [dict(group_size=1), dict(window_size=0), dict(window_schedule="rolling"),
-                                 dict(window_start=24), dict(clip_range=0.0), dict(latent_shape=(4, 8, 8))])
+                                 dict(window_start=24), dict(clip_range=0.0), dict(latent_shape=(4, 8, 8)),
+                                 dict(window_size=1, window_start=24, window_schedule="progressive")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(OSPConfigError):
         MixGRPOConfig(**{"latent_shape": (4, 1, 8, 8), **bad})

@@ -79,6 +79,33 @@ def test_checkpoint_resume_reproduces_the_next_update(tmp_path):
         assert torch.equal(p, expected[name]), name
 
 
+def test_resume_refuses_another_setup(tmp_path):
+    """A checkpoint resumes only the run that wrote it: another config (lr, seed, ...), other adapters
+    (rank, alpha) are named in the error before anything is loaded."""
+    import pytest
+
+    trainer = MixGRPOTrainer(_converted(), LatentColour(1.0), CONFIG)
+    path = str(tmp_path / "ckpt.pt")
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"lr: 0.001 in the checkpoint, 1e-07 here.*seed: 0 in the checkpoint, 5 here"):
+        MixGRPOTrainer(_converted(), LatentColour(1.0), CONFIG.replace(lr=1e-7, seed=5)).load_checkpoint(path)
+    other_rank = MixGRPOTrainer(_converted(lora_rank=2), LatentColour(1.0), CONFIG)
+    before = {n: p.detach().clone() for n, p in other_rank.trainable.items()}
+    with pytest.raises(ValueError, match=r"LoRA adapters: \{'rank': 4, 'alpha': 4.0\} in the checkpoint, "
+                                         r"\{'rank': 2, 'alpha': 2.0\} here"):
+        other_rank.load_checkpoint(path)
+    assert all(torch.equal(p, before[n]) for n, p in other_rank.trainable.items())  # nothing loaded
+    MixGRPOTrainer(_converted(), LatentColour(1.0), CONFIG).load_checkpoint(path)  # the same setup resumes
+
+
+def test_reward_weights_must_name_rewards():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"names \['brightness'\], which are not rewards here: the rewards are "
+                                         r"\['LatentColour'\]"):
+        MixGRPOTrainer(_converted(), LatentColour(1.0), CONFIG.replace(reward_weights={"brightness": 0.0}))
+
+
 def test_full_fine_tuning_without_lora_uses_a_snapshot_reference():
     model = build_model("tiny", num_layers=1)  # any nn.Module with the DiT call convention
     trainer = MixGRPOTrainer(model, LatentColour(1.0), CONFIG.replace(lr=1e-4))
@@ -109,3 +136,16 @@ def test_train_grpo_cli_raises_the_reward_and_resumes(tmp_path):
                                       "--resume", os.path.join(out, "checkpoint.pt")]))
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["iteration"] for m in lines] == list(range(13))
+
+
+def test_train_grpo_cli_refuses_bad_counts_before_writing(tmp_path):
+    import pytest
+
+    parser = add_train_grpo_arguments(argparse.ArgumentParser())
+    out = tmp_path / "run"
+    for bad, says in ((["--steps", "0"], "--steps 0"), (["--lora-rank", "0"], "--lora-rank 0"),
+                      (["--groups", "10", "--num-prompts", "3"], r"must be in \[1, 3\]"),
+                      (["--groups", "0"], "--groups 0")):
+        with pytest.raises(SystemExit, match=says):
+            run_train_grpo(parser.parse_args(["--out", str(out), "--no-progress", *bad]))
+    assert not out.exists()

@@ -72,8 +72,21 @@ def _parse_rewards(specs: list[str] | None) -> tuple[dict[str, RewardFn], dict[s
     return fns, weights
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """The run's sizes, checked before anything is built (so nothing is written for a bad call)."""
+    if args.steps < 1:
+        raise SystemExit(f"--steps {args.steps}: need at least 1 GRPO iteration")
+    if args.lora_rank < 1:
+        raise SystemExit(f"--lora-rank {args.lora_rank}: train-grpo trains LoRA adapters, their rank must be >= 1 "
+                         "(full fine-tuning: use osp_compile.grpo.MixGRPOTrainer on a model without adapters)")
+    if not 1 <= args.groups <= args.num_prompts:
+        raise SystemExit(f"--groups {args.groups}: each iteration draws that many distinct prompts from the "
+                         f"--num-prompts {args.num_prompts} bank, so it must be in [1, {args.num_prompts}]")
+
+
 def run_train_grpo(args: argparse.Namespace) -> dict:
     """Run ``train-grpo`` with parsed arguments; returns the summary it also writes to summary.json."""
+    _check_counts(args)
     os.makedirs(args.out, exist_ok=True)
     reward_fns, weights = _parse_rewards(args.reward)
     model = build_model(args.preset, num_layers=args.layers, seed=args.seed)

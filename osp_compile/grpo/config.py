@@ -24,7 +24,7 @@ class MixGRPOConfig:
     num_steps, shift: the flow-matching sampler (T steps on Wan's shifted sigma schedule).
     window_size, window_start, window_stride, iters_per_shift, window_schedule, roll_back: the SDE
         window W = [l, l + w). ``progressive`` (MixGRPO): l = start + stride * (iteration //
-        iters_per_shift), capped at T - 2, or wrapped back to 0 with `roll_back`.
+        iters_per_shift), capped at T - 2, or with `roll_back` back to start once it would pass T - 2.
         ``fixed_prefix`` (OSP-Next): l = start every iteration (steps start..start+w-1 SDE).
     noise_level: a in sigma_t = a * sqrt(t / (1 - t)).
     clip_range: PPO clip eps; adv_clip: advantages are clipped to +-adv_clip; adv_eps: the
@@ -74,6 +74,9 @@ class MixGRPOConfig:
                 f"window_start must be in [0, num_steps - window_size = {self.num_steps - self.window_size}], "
                 f"got {self.window_start}."
             )
+        if self.window_schedule == "progressive" and self.window_start > self.num_steps - 2:
+            raise OSPConfigError(f"window_start must be <= num_steps - 2 = {self.num_steps - 2} for the progressive "
+                                 f"schedule (its left edge moves up to T - 2), got {self.window_start}.")
         if self.window_stride < 0 or self.iters_per_shift < 1:
             raise OSPConfigError("window_stride must be >= 0 and iters_per_shift >= 1.")
         for name in ("noise_level", "clip_range", "adv_clip", "adv_eps", "lr"):
@@ -90,12 +93,19 @@ class MixGRPOConfig:
         return cls(latent_shape=latent_shape, **{**base, **changes})
 
     def window(self, iteration: int) -> range:
-        """The sampling steps that use the SDE and are trained at `iteration`."""
+        """The sampling steps that use the SDE and are trained at `iteration`.
+
+        "progressive": the left edge starts at `window_start` and moves `window_stride` steps every
+        `iters_per_shift` iterations up to T - 2; there it stays, or with `roll_back` it goes back to
+        `window_start` and moves on from there (MixGRPO rolls back to its start, 0)."""
         left = self.window_start
-        if self.window_schedule == "progressive":
-            left += self.window_stride * (iteration // self.iters_per_shift)
-            max_left = self.num_steps - 2
-            left = left % (max_left + 1) if self.roll_back else min(left, max_left)
+        if self.window_schedule == "progressive" and self.window_stride:
+            shifts, max_left = iteration // self.iters_per_shift, self.num_steps - 2
+            positions = (max_left - left) // self.window_stride + 1  # left edges before the end is passed
+            if self.roll_back:
+                left += self.window_stride * (shifts % positions)
+            else:
+                left = min(left + self.window_stride * shifts, max_left)
         return range(left, min(left + self.window_size, self.num_steps))
 
     def replace(self, **changes) -> "MixGRPOConfig":

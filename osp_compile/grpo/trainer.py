@@ -75,6 +75,10 @@ class MixGRPOTrainer:
         self.model = model
         self.config = config
         self.reward_fns = named_rewards(reward_fns)
+        unknown = sorted(set(config.reward_weights) - set(self.reward_fns))
+        if unknown:
+            raise ValueError(f"config.reward_weights names {unknown}, which are not rewards here: the rewards are "
+                             f"{sorted(self.reward_fns)} (pass a name -> callable mapping to choose the names)")
         self.encode_prompts = encode_prompts
         self.decode = decode
         self.adapters = find_adapters(model, osp_options)
@@ -244,21 +248,44 @@ class MixGRPOTrainer:
                 "optimizer": self.optimizer.state_dict(),
                 "torch_rng_state": torch.get_rng_state(),
                 "config": dataclasses.asdict(self.config),
+                "lora": self._lora_shape(),
             }, path)
         barrier()
 
+    def _lora_shape(self) -> dict | None:
+        return None if self.adapters is None else {"rank": self.adapters.rank, "alpha": self.adapters.alpha}
+
     def load_checkpoint(self, path: str) -> None:
-        """Restore what `save_checkpoint` wrote (into a trainer built like the saving one)."""
+        """Restore what `save_checkpoint` wrote, into a trainer built like the saving one: the same
+        configuration, the same adapters (rank, alpha) and parameter shapes, or a clear error - a
+        resumed run is only the continued run when nothing else changed."""
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved, current = _comparable(state["config"]), _comparable(dataclasses.asdict(self.config))
+        changed = [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} here"
+                   for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        if "lora" in state and state["lora"] != self._lora_shape():
+            changed.append(f"LoRA adapters: {state.get('lora')} in the checkpoint, {self._lora_shape()} here")
+        if changed:
+            raise ValueError(f"checkpoint {path} was written by another setup; resume with the same one (or start a "
+                             f"new run, e.g. from its adapters): " + "; ".join(changed))
         if set(state["params"]) != set(self.trainable):
             raise ValueError(
                 f"checkpoint {path} trains other parameters than this trainer: missing "
                 f"{sorted(set(self.trainable) - set(state['params']))[:5]}, unexpected "
                 f"{sorted(set(state['params']) - set(self.trainable))[:5]}"
             )
+        shapes = [f"{n}: {tuple(state['params'][n].shape)} vs {tuple(p.shape)}" for n, p in self.trainable.items()
+                  if state["params"][n].shape != p.shape]
+        if shapes:
+            raise ValueError(f"checkpoint {path} holds parameters of other shapes (checkpoint vs here): {shapes[:5]}")
         with torch.no_grad():
             for name, p in self.trainable.items():
                 p.copy_(state["params"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng_state"])
         self.iteration = int(state["iteration"])
+
+
+def _comparable(config: dict) -> dict:
+    """A config dict with tuples as lists, as a checkpoint stores and loads it."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
