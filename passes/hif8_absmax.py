@@ -10,7 +10,7 @@ still this rank's, and the op all-reduces it over the group as before (``hif8/gr
 Left to the op: an activation that an attention call wrote (through views only: the head merge).
 Nothing fuses into that kernel, so the max would run alone, and there Inductor's two-step
 reduction was slower than the op's own (torch's, 0.35-0.42 against 0.29 ms for a 14B activation
-on the H100).
+on the H100). Also an empty activation: the op's max of nothing is 0, torch's reduction refuses it.
 
 Which linears: ``osp::hif8_linear`` nodes without an ``amax``. Linears that read one activation
 (q, k and v) share one max. The report lists each activation with its readers and where its max
@@ -49,6 +49,9 @@ def hif8_absmax_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
         attention = _attention_behind(x)
         if attention is not None:
             rows.append({**row, "max": f"the op's own: written by attention ({attention.name})"})
+            continue
+        if meta_value(x).numel() == 0:  # a max over no element is an error in torch; the op's is 0
+            rows.append({**row, "max": "the op's own: the activation is empty"})
             continue
         with g.inserting_before(min(linears, key=order.__getitem__)):
             magnitude = g.call_function(torch.abs, (x,))

@@ -371,3 +371,25 @@ def test_quantize_scaled_zeros_and_specials():
     assert q[0] == 1.0 and q[1] == math.inf and math.isnan(q[2]) and q[3] == -2.0
     x = torch.tensor([1e-30, -3e-31])  # tiny tensors are scaled up, not flushed to zero
     assert torch.allclose(hif8.quantize_scaled(x, 15.0), x, rtol=2.0 ** -4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_max", [15.0, 224.0])
+def test_a_subnormal_max_does_not_overflow_the_scale(dtype, scale_max):
+    """max|x| below scale_max / FLT_MAX: scale_max / max|x| is inf, and 0 * inf made every element
+    NaN. Such a tensor is below HiF8's smallest value everywhere: it quantizes to zeros."""
+    x = torch.tensor([1e-39, -5e-40, 0.0]).to(dtype)
+    assert torch.equal(hif8.quantize_scaled(x, scale_max), torch.zeros(3, dtype=dtype))
+    assert torch.equal(hif8.quantize_scaled(x, scale_max, amax=torch.tensor(1e-39)), torch.zeros(3, dtype=dtype))
+    codes, s = hif8.encode_scaled(x, scale_max)
+    assert float(s) == 1.0 and torch.equal(codes, torch.zeros(3, dtype=torch.uint8))
+    big = torch.tensor([1e-36, 0.0])  # the quotient is finite: scaled as usual
+    assert torch.allclose(hif8.quantize_scaled(big, scale_max), big, rtol=2.0 ** -4)
+
+
+@pytest.mark.parametrize("scale_max", [0.0, -1.0, float("inf"), float("nan"), 50000.0])
+def test_scale_max_out_of_range_is_refused(scale_max):
+    with pytest.raises(ValueError, match=r"must be in \(0, 32768\]"):
+        hif8.quantize_scaled(torch.randn(4), scale_max)
+    with pytest.raises(ValueError, match=r"must be in \(0, 32768\]"):
+        hif8.encode_scaled(torch.randn(4), scale_max)

@@ -255,3 +255,24 @@ def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
         converted(*args, **kwargs)
     # 18 linears; the one-entry reuse holds the latest activation only, so block 1 quantizes the text again
     assert len(calls) == activations + 1
+
+
+def test_absmax_pass_leaves_an_empty_activation_to_the_op():
+    """torch's max over no element is an error; the op's own max of an empty x is 0."""
+    import torch.fx as fx
+
+    from passes.hif8_absmax import hif8_absmax_pass
+
+    _, _, b, codes, scale = _linear_case(seed=24)
+
+    class Lin(torch.nn.Module):
+        def forward(self, x, codes, b, scale):
+            return torch.ops.osp.hif8_linear.default(x, codes, b, scale)
+
+    gm = fx.symbolic_trace(Lin())
+    empty = torch.empty(0, codes.shape[1])
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), (empty, codes, b, scale)):
+        node.meta["example_value"] = value
+    gm, report = hif8_absmax_pass(gm, None)
+    assert [r["max"] for r in report.rows] == ["the op's own: the activation is empty"]
+    assert gm(empty, codes, b, scale).shape == (0, codes.shape[0])

@@ -185,6 +185,11 @@ def test_fused_activation_kernel_bitwise(dtype, n, wide, device, monkeypatch):
     x[:6] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0]).to(dtype)
     got, got_dq = (t.cpu() for t in quantize_act_e4m3_triton(x.to(device), 15.0))
     want, want_dq = fp8.quantize_act_e4m3_reference(x, 15.0)
+    tiny = torch.tensor([1e-39, 0.0])  # a subnormal max: scale_max / max|x| overflows, scale 1 as for 0
+    for amax in (tiny.abs().max(), torch.tensor(float("inf")), torch.tensor(0.0)):
+        t8, t_dq = (t.cpu() for t in quantize_act_e4m3_triton(tiny.to(device), 15.0, amax.to(device)))
+        r8, r_dq = fp8.quantize_act_e4m3_reference(tiny, 15.0, amax)
+        assert torch.equal(t8.float(), r8.float()) and torch.equal(t_dq, r_dq) and float(t_dq) == 1 / 16
     assert got.dtype == torch.float8_e4m3fn
     assert torch.equal(got.float(), want.float())  # -0 == +0: HiF8 has no -0, E4M3 casts may give one
     assert torch.equal(got_dq, want_dq)
@@ -235,6 +240,32 @@ def test_e4m3_weight_is_cached_until_the_codes_change():
     codes[0, 0] = 0  # written in place (as load_hif8_state_dict does): transcoded again
     again = fp8.cached_e4m3_weight(codes, scale)
     assert again is not w8 and float(again.data[0, 0]) == 0.0
+
+
+def test_fp8_path_under_inference_mode(monkeypatch):
+    """Tensors made under torch.inference_mode have no version counter: the FP8 path still runs, the
+    activation is quantized per call (no reuse it could not check), codes made there are cached and
+    forgotten when load_hif8_state_dict writes them."""
+    x, _, b, codes, scale = _linear_case(seed=14)
+    calls = []
+    real = fp8.quantize_act_e4m3
+    monkeypatch.setattr(fp8, "quantize_act_e4m3", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        want = fp8.fp8_linear(x, fp8.transcode_weight(codes, scale), b)
+    with torch.inference_mode():
+        xi, codes_i, scale_i = x.clone(), codes.clone(), scale.clone()
+        w8 = fp8.cached_e4m3_weight(codes_i, scale_i)
+        assert fp8.cached_e4m3_weight(codes_i, scale_i) is w8
+        got = [fp8.fp8_linear(xi, w8, b) for _ in range(2)]
+    assert all(torch.equal(g, want) for g in got) and len(calls) == 3
+    store = inference.HiF8WeightStore()
+    with torch.inference_mode():
+        store.put("lin.weight", codes_i, scale_i)
+        stored = store.entry("lin.weight")[0]
+        before = fp8.cached_e4m3_weight(stored, scale_i)
+        inference.load_hif8_state_dict(store, {"lin.weight": torch.zeros_like(codes_i),
+                                               "lin.weight_scale": scale_i})
+        assert fp8.cached_e4m3_weight(stored, scale_i) is not before
 
 
 def test_fp8_path_quantizes_a_shared_activation_once(monkeypatch):

@@ -249,17 +249,31 @@ def absmax(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax().to(torch.float32)
 
 
+MAX_SCALE_MAX = 32768.0
+"""The largest ``scale_max``: HiF8's largest finite value, so that nothing finite overflows."""
+
+
+def check_scale_max(scale_max: float) -> None:
+    if not 0 < scale_max <= MAX_SCALE_MAX:  # NaN fails too
+        raise ValueError(f"scale_max={scale_max!r}: the largest magnitude is scaled to it, so it must be in "
+                         f"(0, {MAX_SCALE_MAX:g}] (HiF8's largest finite value); OSP-Next uses 15 and 224")
+
+
 def _per_tensor_scale(x: torch.Tensor, scale_max: float, amax: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 0-dim scale ``scale_max / max|x|``; 1 where ``max|x|`` is 0 or not finite.
+    """float32 0-dim scale ``scale_max / max|x|``; 1 where ``max|x|`` is 0 or not finite, or so
+    small (a float32 subnormal, below ``scale_max / 3.4e38``) that the quotient overflows: every
+    element of such a tensor is then below HiF8's smallest value and quantizes to 0.
 
     ``amax``: ``max|x|`` computed elsewhere (over every shard of a sequence-parallel tensor,
     ``group.group_amax``); by default that of ``x`` itself.
     Stays a tensor (no host sync), so it is cheap on GPU and traceable."""
+    check_scale_max(scale_max)
     amax = absmax(x) if amax is None else amax.to(torch.float32).reshape(())
     ok = torch.isfinite(amax) & (amax > 0)
     # A tensor numerator: `float / tensor` is computed as a reciprocal times the float, which is
     # not the correctly rounded quotient; full_like also avoids a host-to-device copy.
-    return torch.where(ok, torch.full_like(amax, float(scale_max)) / torch.where(ok, amax, 1.0), 1.0)
+    scale = torch.full_like(amax, float(scale_max)) / torch.where(ok, amax, 1.0)
+    return torch.where(ok & torch.isfinite(scale), scale, 1.0)
 
 
 def quantize_scaled(x: torch.Tensor, scale_max: float, rounding: str = "ta",

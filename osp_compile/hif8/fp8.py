@@ -104,14 +104,26 @@ def transcode_weight(codes: torch.Tensor, scale: torch.Tensor) -> E4M3Weight:
 _CACHE = WeakIdKeyDictionary()  # codes tensor -> ((codes version, scale version), E4M3Weight)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place write); None for a tensor made under
+    ``torch.inference_mode``, which has none."""
+    return None if t.is_inference() else t._version
+
+
 def cached_e4m3_weight(codes: torch.Tensor, scale: torch.Tensor) -> E4M3Weight:
     """`transcode_weight`, computed once per codes tensor (and again if it is written in place,
-    e.g. by ``load_hif8_state_dict``): the E4M3 copy lives as long as the codes do."""
-    version = (codes._version, scale._version)
+    e.g. by ``load_hif8_state_dict``, which also calls `forget_e4m3_weight` for codes made under
+    inference mode, whose writes no counter records): the E4M3 copy lives as long as the codes do."""
+    version = (_version(codes), _version(scale))
     hit = _CACHE.get(codes)
     if hit is None or hit[0] != version:
         hit = _CACHE[codes] = (version, transcode_weight(codes, scale))
     return hit[1]
+
+
+def forget_e4m3_weight(codes: torch.Tensor) -> None:
+    """Drop the cached E4M3 copy of ``codes`` (their values were just written)."""
+    _CACHE.pop(codes, None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,8 +141,11 @@ def quantize_act_e4m3_reference(x: torch.Tensor, scale_max: float = X_SCALE_MAX,
     """``(x8, dequant)``: E4M3 ``HiF8(x * s) * 2^k`` and float32 0-dim ``1 / (s * 2^k)``, in torch ops.
 
     ``s = scale_max / max|x|`` as in the QAT forward (``max|x|`` given as ``amax`` where ``x`` is
-    one shard of the tensor); values below E4M3's window round to nearest even there (they are
-    < 2^-9 / 240 of the largest).  Zeros may come out as -0.  ``gelu``: quantize
+    one shard of the tensor).  E4M3 holds the shifted HiF8 values (at most 15 * 2^k = 240) exactly
+    from 2^-9 up, except +-1.5 * 2^-9 (HiF8's 1.5 * 2^-13 before the shift); those and the values
+    below 2^-9 (|x| < 2^-9 / 240 of max|x|) round to E4M3's subnormal grid, nearest even: an error
+    of at most 2^-10 / 240 of max|x| each.  They are not counted at run time (that would be one
+    more reduction per activation); weights are (`transcode_weight`).  Zeros may come out as -0.  ``gelu``: quantize
     ``F.gelu(x, approximate=gelu)`` instead (``amax`` is then that of the GELU output)."""
     if gelu is not None:
         x = F.gelu(x, approximate=gelu)
@@ -178,8 +193,11 @@ def _activation_e4m3(x: torch.Tensor, reuse: bool, group: str, gelu: str | None 
     all-reduced once: every rank runs the same calls, so they hit or miss alike).  One entry, held
     by a weak reference to ``x`` (a freed ``x`` can never match) and its version counter (an
     in-place write invalidates it).  Only a call with the same ``group``, ``gelu`` and ``amax``
-    (the same tensor, as the linears reading one activation get) reuses it."""
+    (the same tensor, as the linears reading one activation get) reuses it.  A tensor made under
+    ``torch.inference_mode`` has no version counter, so it is never reused: under inference mode
+    q, k and v quantize their input each (``torch.no_grad`` keeps the reuse)."""
     global _LAST_ACTIVATION
+    reuse = reuse and not x.is_inference()
     if reuse and _LAST_ACTIVATION is not None:
         ref, version, (last_group, last_gelu, last_amax), result = _LAST_ACTIVATION
         if ref() is x and x._version == version and (last_group, last_gelu) == (group, gelu) and last_amax is amax:

@@ -91,6 +91,7 @@ def _act_e4m3_kernel(x_ptr, amax_ptr, out_ptr, dequant_ptr, n, scale_max,
     amax_bits = amax.to(tl.int32, bitcast=True)
     ok = (amax_bits > 0) & (amax_bits < 0x7F800000)  # max|x| > 0 and finite
     s = tl.where(ok, tl.math.div_rn(tl.where(ok, scale_max, 1.0), tl.where(ok, amax, 1.0)), 1.0)
+    s = tl.where(s.to(tl.int32, bitcast=True) < 0x7F800000, s, 1.0)  # a subnormal max|x|: as for 0
     if pid == 0:
         tl.store(dequant_ptr, tl.math.div_rn(s * 0.0 + 1.0, s * POW2))
     y = y * s  # |y| <= scale_max < 16
