@@ -386,6 +386,9 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
     a single run's ratio can be trusted. Peak memory then includes what the variants compiled
     before held (their weights and HiF8 codes). Ablations patch code while they run, so they time
     alone (rounds=1)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("no CUDA device here: the bench times steps on a GPU (--device cpu runs a smoke test, "
+                         "with a small --preset and --frames)")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: need at least 1")
     if rounds > 1 and any(v in ABLATIONS for v in variants):

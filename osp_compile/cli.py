@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -29,9 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ENV = "OSP_COMPILE_TRACEBACK"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb. What the user asked for that cannot be done (an `OSPError`, a `ValueError` such as
+    an unknown resolution, an `OSError` such as a path that cannot be written) is one line on stderr
+    and exit status 2, as argparse does for bad arguments; the traceback only with
+    ``OSP_COMPILE_TRACEBACK=1``."""
+    from .errors import OSPError
+
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args._module).run(args) or 0
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except (OSPError, ValueError, OSError) as exc:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"osp-compile {args.command}: error: {exc}\n(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -125,6 +125,20 @@ class OSPConfig:
                                  f"but quant is {self.quant!r}: set quant='hif8-infer' or drop fp8_fast_accum.")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise OSPConfigError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}.")
+        a = self.lora_alpha
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0):
+            raise OSPConfigError(f"lora_alpha must be None (= lora_rank) or a number > 0, got {a!r}.")
+        for name in ("fuse_permutations", "fuse_linears", "fuse_norm_rope", "fp8_fast_accum"):
+            if not isinstance(getattr(self, name), bool):
+                raise OSPConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        for name in ("quant_exclude", "lora_targets"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+                raise OSPConfigError(f"{name} must be None or a list of fnmatch patterns of weight names, e.g. "
+                                     f"['head*'], got {patterns!r}.")
+            setattr(self, name, list(patterns))
 
     def replace(self, **changes) -> "OSPConfig":
         return dataclasses.replace(self, **changes)

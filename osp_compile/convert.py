@@ -1,6 +1,7 @@
 """`convert()`: capture a model's graph with Dynamo, run the OSP passes, return a drop-in module."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from .backend import OSPBackend
 from .distributed import collective_errors
 from .pipeline import SiteCountNeeded
 from .config import OSPConfig
-from .errors import OSPError, caused_by
+from .errors import OSPConfigError, OSPError, caused_by, unwrapped_osp_errors
 from .report import OSPReport
 
 
@@ -36,7 +37,7 @@ class OSPModule(nn.Module):
         self.training = original.training
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with collective_errors(self.osp_config):
+        with collective_errors(self.osp_config), unwrapped_osp_errors(), recompile_limit_as_error():
             return self._compiled(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "OSPModule":
@@ -54,13 +55,41 @@ class OSPModule(nn.Module):
         return f"osp: {self.osp_report.summary()}"
 
 
+_FAIL_ON_LIMIT = next((k for k in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+                      if hasattr(torch._dynamo.config, k)), None)
+"""Dynamo's switch (named by torch version) that makes its recompile limit an error instead of eager."""
+
+
+@contextlib.contextmanager
+def recompile_limit_as_error():
+    """Each new input signature (shapes, batch, dtype, grad mode) recompiles the converted graphs, and
+    past Dynamo's recompile limit Dynamo would run the original forward eagerly: the dense model,
+    without the passes and without a word. Here that is an `OSPError` instead."""
+    if _FAIL_ON_LIMIT is None:
+        yield
+        return
+    try:
+        with torch._dynamo.config.patch(**{_FAIL_ON_LIMIT: True}):
+            yield
+    except Exception as exc:
+        if type(exc).__name__ not in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):
+            raise
+        limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
+        raise OSPError(
+            f"this converted module has been compiled for {limit} input signatures (shapes, batch size, dtype and "
+            f"grad mode each make one), Dynamo's recompile limit: a new one would run the original dense model "
+            f"without the passes. Convert again for these inputs, or raise torch._dynamo.config.recompile_limit "
+            f"before converting."
+        ) from exc
+
+
 def _count_sites(model: nn.Module, args: tuple, kwargs: dict, config: OSPConfig) -> int:
     """Number of video self-attention sites over all graphs, in one analysis-only run."""
     from passes.analysis import analysis_pass
     from passes.canonicalize_attention import canonicalize_attention_pass
 
     counter = OSPBackend(config, inner="eager", passes=[canonicalize_attention_pass, analysis_pass], counting=True)
-    with torch.no_grad():
+    with torch.no_grad(), unwrapped_osp_errors():
         _compile(model, counter)(*args, **kwargs)
     return len(counter.registry.keys)
 
@@ -78,6 +107,11 @@ def convert(model: nn.Module, args: tuple = (), kwargs: dict | None = None, conf
     kwargs = kwargs or {}
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    if config.target == "npu" and not _torch_npu_present():
+        raise OSPConfigError(
+            "target='npu' runs torch_npu's kernels, and torch_npu is not installed here (it needs Ascend's CANN). "
+            "To write the NPU model on this machine, export it: `osp-compile export --target npu` "
+            "(osp_compile.export), which emits the calls without importing torch_npu.")
     try:
         backend, compiled = _capture(model, args, kwargs, config, num_sites=None)
     except Exception as exc:  # Dynamo wraps backend errors; look for ours inside
@@ -86,7 +120,27 @@ def convert(model: nn.Module, args: tuple = (), kwargs: dict | None = None, conf
         # graph breaks split the sites: count them all first, then capture again
         num_sites = _count_sites(model, args, kwargs, config)
         backend, compiled = _capture(model, args, kwargs, config, num_sites=num_sites)
+    adapters = backend.state.get("lora")
+    if config.lora_rank and (adapters is None or not len(adapters.lora_A)):
+        patterns = config.lora_targets if config.lora_targets is not None else "the default attention q/k/v/o patterns"
+        raise OSPConfigError(
+            f"lora_rank={config.lora_rank}, but lora_targets {patterns} matched none of {type(model).__name__}'s "
+            f"linear weights (fnmatch on parameter names such as "
+            f"{[n for n, p in model.named_parameters() if p.dim() == 2][:3]}): give patterns that match, or lora_rank=0.")
     return OSPModule(model, compiled, backend.report, config, backend.state)
+
+
+def _torch_npu_present() -> bool:
+    """Whether torch_npu is importable, without importing it (where CANN is missing, importing breaks torch)."""
+    import importlib.util
+    import sys
+
+    if "torch_npu" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("torch_npu") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _compile(model: nn.Module, backend) -> Any:
@@ -102,7 +156,7 @@ def _compile(model: nn.Module, backend) -> Any:
 def _capture(model, args, kwargs, config, num_sites):
     backend = OSPBackend(config, inner="eager", num_sites=num_sites)
     compiled = _compile(model, backend)
-    with torch.no_grad(), collective_errors(config):
+    with torch.no_grad(), collective_errors(config), unwrapped_osp_errors():
         compiled(*args, **kwargs)
     if not backend.report.graphs:
         raise OSPError(
@@ -111,9 +165,6 @@ def _capture(model, args, kwargs, config, num_sites):
             f"torch._dynamo.reset() or raise torch._dynamo.config.cache_size_limit, then convert again."
         )
     return backend, compiled
-
-
-
 
 
 class _CompiledOnly(Exception):
@@ -134,7 +185,8 @@ def plan(model: nn.Module, args: tuple = (), kwargs: dict | None = None, config:
         raise _CompiledOnly
 
     try:
-        _compile(model, compile_only)(*args, **(kwargs or {}))
+        with unwrapped_osp_errors():
+            _compile(model, compile_only)(*args, **(kwargs or {}))
     except Exception as exc:  # Dynamo wraps what a backend raises
         if not caused_by(exc, _CompiledOnly):
             raise

@@ -59,6 +59,17 @@ def human_flops(n: float) -> str:
     return f"{n:.0f}"
 
 
+def flops_change(before: float, after: float) -> str:
+    """How the attention FLOPs changed, said the right way round: a small grid can cost more sparse
+    than dense (the fold pads H and W; joint attention repeats the text keys beside every subsequence)."""
+    if not after or not before:
+        return "n/a"
+    if after <= before:
+        return f"{before / after:.2f}x fewer"
+    return (f"{after / before:.2f}x more: at this size the fold's padding (and at joint sites the text keys beside "
+            f"every subsequence) outweighs the sparsity")
+
+
 @dataclass
 class GraphRecord:
     code: str
@@ -129,7 +140,7 @@ class OSPReport:
         n = len(self.video_sites)
         joint = sum(1 for s in self.video_sites if s.kind == "joint")
         sparse = sum(1 for s in self.video_sites if s.layout in ("token", "group"))
-        ratio = f"{before / after:.2f}x fewer" if after else "n/a"
+        ratio = flops_change(before, after)
         of_which = f" (of which {joint} joint text+video)" if joint else ""
         return (
             f"{len(self.sites)} attention call(s), {n} video self-attention site(s){of_which}, {sparse} made sparse; "

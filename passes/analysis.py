@@ -581,6 +581,13 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
                     f"OSPConfig.grid={cfg.grid} has {tokens} tokens but the video self-attention at node "
                     f"'{s.node.name}' has {s.q_len - s.text_len}: give the token grid after patch embedding."
                 )
+            found = tuple(hint(g) for g in s.grid) if s.grid else None
+            if found is not None and found != tuple(cfg.grid):
+                raise OSPAnalysisError(
+                    f"OSPConfig.grid={cfg.grid} contradicts the grid {found} the analysis read for the attention at "
+                    f"node '{s.node.name}' ({s.how}): its tokens are ordered as that grid. Drop grid= (it is for "
+                    f"models where no grid can be found), or correct it."
+                )
             s.grid, s.origin, s.grid_sources, s.how = tuple(cfg.grid), None, (), "grid from OSPConfig.grid"
         classify_by_grid(an, cfg.grid)
     elif not an.layout_sites and reg.grid is not None:
@@ -595,6 +602,14 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
         for s in an.sites:
             s.decision = f"kept dense: {err}"
     _keyed(an.sites)
+    for s in an.sites:
+        if s.kind not in LAYOUT_KINDS and s.key in reg.keys:  # a recompile (new inputs) lost a site
+            msg = (f"the attention at '{s.key[0] or s.node.name}' was video self-attention site {reg.keys[s.key]} "
+                   f"in an earlier graph of this model, but not in this one (new input shapes?): {s.how}")
+            if cfg.on_unsupported == "error":
+                raise OSPAnalysisError(msg + ". Convert again for these inputs (with grid= if they need one), or use "
+                                             "OSPConfig(on_unsupported='skip') to run such calls dense.")
+            s.decision = f"kept dense: {msg}"
     for s in an.layout_sites:
         s.index = reg.index_of(s.key)
     layouts = reg.layouts(len(an.layout_sites)) if an.layout_sites else []

@@ -1,10 +1,12 @@
 """Bad input gets a clear, specific error."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from osp_compile import OSPAnalysisError, OSPConfig, OSPConfigError, convert
+from osp_compile import OSPAnalysisError, OSPConfig, OSPConfigError, OSPError, convert
 from reference_model import PRESETS, build_model, make_inputs
 
 
@@ -15,6 +17,11 @@ from reference_model import PRESETS, build_model, make_inputs
     ({"num_full_blocks": -1}, "num_full_blocks must be"),
     ({"grid": (3, 4)}, "grid must be three positive integers"),
     ({"target": "tpu"}, "unknown target"),
+    ({"quant": "hif8-infer", "quant_exclude": "head*"}, r"quant_exclude must be None or a list .* got 'head\*'"),
+    ({"lora_targets": [1]}, "lora_targets must be None or a list"),
+    ({"fuse_linears": "no"}, "fuse_linears must be True or False, got 'no'"),
+    ({"lora_rank": 2, "lora_alpha": "x"}, "lora_alpha must be None"),
+    ({"lora_rank": 2, "lora_alpha": 0}, "lora_alpha must be None"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(OSPConfigError, match=match):
@@ -41,7 +48,7 @@ def test_named_layouts():
 def test_wrong_layout_length_for_the_model():
     model = build_model("tiny", num_layers=2)
     args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=(2, 8, 8))
-    with pytest.raises(Exception, match="lists 3 entries but the model has 2"):
+    with pytest.raises(OSPConfigError, match="lists 3 entries but the model has 2"):  # ours, not Dynamo's wrapper
         convert(model, args, kwargs, OSPConfig(layout=["full", "token", "group"]))
 
 
@@ -112,3 +119,63 @@ def test_unknown_backend_option():
     compiled = torch.compile(model, backend="osp", options={"sparse_ratio": 2, "colour": "red"})
     with pytest.raises(Exception, match="unknown osp backend option"):
         compiled(torch.randn(1, 8, 16))
+
+
+def _tiny(latent=(3, 12, 20)):
+    model = build_model("tiny", num_layers=2)
+    return model, *make_inputs(PRESETS["tiny"], latent_shape=latent)
+
+
+def test_a_grid_that_contradicts_the_models_own_is_refused():
+    model, args, kwargs = _tiny()  # grid (3, 6, 10)
+    for wrong in ((2, 9, 10), (3, 10, 6)):
+        with pytest.raises(OSPAnalysisError, match=re.escape(f"grid={wrong} contradicts the grid (3, 6, 10)")):
+            convert(model, args, kwargs, OSPConfig(grid=wrong, num_full_blocks=0))
+    convert(model, args, kwargs, OSPConfig(grid=(3, 6, 10), num_full_blocks=0))  # the same grid is fine
+
+
+def test_recompiles_past_the_limit_raise_instead_of_running_dense():
+    """Past Dynamo's recompile limit the original forward would run eagerly: dense, without a word."""
+    model, args, kwargs = _tiny((1, 8, 8))
+    converted = convert(model, args, kwargs, OSPConfig(layout="all_sparse"))
+    def call(latent):
+        a, k = make_inputs(PRESETS["tiny"], latent_shape=latent)
+        return converted(*a, **k)
+
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
+        call((2, 8, 8))
+        with pytest.raises(OSPError, match="compiled for 2 input signatures .* would run the original dense model"):
+            call((3, 8, 8))
+
+
+class TokensIn(nn.Module):
+    """Tokens come in flattened; the grid is given, so only inputs of its length are video."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 16)).unbind(-3)
+        return self.out(F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2).flatten(-2))
+
+
+def test_a_recompile_that_loses_a_site_raises_or_says_it_runs_dense():
+    x = torch.randn(1, 180, 32)
+    other = torch.randn(1, 240, 32)  # not (3, 6, 10) tokens: the site cannot be video self-attention
+    converted = convert(TokensIn(), (x,), None, OSPConfig(layout="all_sparse", grid=(3, 6, 10)))
+    with pytest.raises(OSPAnalysisError, match="was video self-attention site 0 in an earlier graph"):
+        converted(other)
+    skipping = convert(TokensIn(), (x,), None, OSPConfig(layout="all_sparse", grid=(3, 6, 10), on_unsupported="skip"))
+    model = TokensIn()
+    model.load_state_dict(skipping.state_dict())
+    assert torch.equal(skipping(other), model(other))  # dense, as the report says
+    assert any(r.decision.startswith("kept dense: the attention at") for r in skipping.osp_report.site_rows)
+
+
+def test_lora_targets_that_match_nothing_and_npu_without_torch_npu():
+    model, args, kwargs = _tiny()
+    with pytest.raises(OSPConfigError, match=r"lora_targets \['nothing\*'\] matched none of WanDiT's linear weights"):
+        convert(model, args, kwargs, OSPConfig(num_full_blocks=0, lora_rank=2, lora_targets=["nothing*"]))
+    with pytest.raises(OSPConfigError, match="torch_npu is not installed here .* `osp-compile export --target npu`"):
+        convert(model, args, kwargs, OSPConfig(num_full_blocks=0, target="npu"))

@@ -51,8 +51,13 @@ def test_cli_cpu_export_matches_convert(tmp_path, capsys):
     model, args, kwargs = load_model("tiny", layers=2)
     with torch.no_grad():
         expected = convert(model, args, kwargs, OSPConfig(layout=LAYOUT))(*args, **kwargs)
-        got = import_export(str(out / "model.py"), "osp_export_cpu").load(str(out), "cpu")(*args, **kwargs)
+        net = import_export(str(out / "model.py"), "osp_export_cpu").load(str(out), "cpu")
+        got = net(*args, **kwargs)
     assert rel_err(got, expected) <= 1e-6
+    wider = torch.cat([args[0], args[0]])  # batch 2: the export is specialised to batch 1
+    with pytest.raises(ValueError, match=r"input x: this export is specialised to shape \(1, 4, 3, 12, 20\), "
+                                         r"got \(2, 4, 3, 12, 20\)"):
+        net(wider, *args[1:], **kwargs)
 
 
 def test_npu_export_compiles_keeps_the_documented_signature_and_matches(npu_emulation, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..config import NAMED_LAYOUTS, OSPConfig
 
@@ -32,7 +33,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", type=parse_layout, default="dual_end",
                    help=f"one of {', '.join(NAMED_LAYOUTS)}, or full/token/group per site, comma-separated")
     p.add_argument("--num-full-blocks", type=int, default=None,
-                   help="full-attention sites for dual_end/uniform (default: 8, at most half the sites)")
+                   help="full-attention sites for dual_end/uniform (None: 8, at most half the sites)")
 
 
 def config_from_args(args: argparse.Namespace, num_sites_hint: int | None = None) -> OSPConfig:
@@ -48,3 +49,11 @@ def load_from_args(args: argparse.Namespace, **overrides):
 
     options = {"resolution": args.resolution, "latent": args.latent, "layers": args.layers, "device": args.device}
     return load(args.model, **{k: v for k, v in options.items() if v is not None}, **overrides)
+
+
+def make_output_dirs(files: tuple[str | None, ...] = (), dirs: tuple[str | None, ...] = ()) -> None:
+    """Create the folders the outputs will be written to, before any work: a path that cannot be
+    written fails at once, not after the conversion."""
+    for folder in [os.path.dirname(f) for f in files if f] + [d for d in dirs if d]:
+        if folder:
+            os.makedirs(folder, exist_ok=True)

@@ -6,7 +6,7 @@ import argparse
 
 import torch.nn as nn
 
-from .common import add_config_arguments, add_model_arguments, config_from_args, load_from_args
+from .common import add_config_arguments, add_model_arguments, config_from_args, load_from_args, make_output_dirs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize.page import write_report
     from ..visualize.tokens import check_world_size
 
+    make_output_dirs((args.json, args.html), (args.out_dir,))
     model, inputs, kwargs = load_from_args(args)
     config = config_from_args(args, block_count(model))
     check_world_size(config.sparse_ratio, args.world_size)

@@ -77,7 +77,9 @@ def _module_text(fwd: ForwardCode, emitter: SourceEmitter, target: str, kernels:
     table = format_table([{"op": op, "kernel": kernel, "calls": n} for (op, kernel), n in counts.items()])
     kernel_table = "\n".join(f"    {line}" for line in table.splitlines())
     forward = "\n".join(f"    {line}" if line else line for line in fwd.code.splitlines())
-    forward = forward.replace("):\n", f'):\n        """The rewritten forward; returns what {model_name}.forward returns."""\n', 1)
+    checks = "".join(f"        _expect_shape({name!r}, {name}, {tuple(v.shape)!r})\n" for name, v in fwd.inputs.items()
+                     if isinstance(v, torch.Tensor))
+    forward = forward.replace("):\n", f'):\n        """The rewritten forward; returns what {model_name}.forward returns."""\n{checks}', 1)
     parameters = "\n".join(f"    {attr!r}: {path!r}," for attr, path in fwd.parameters.items())
     return f'''"""{model_name} rewritten by osp-compile {__version__} into the OSP-Next model, for target "{target}".
 
@@ -97,6 +99,14 @@ import os
 {imports}
 
 {helpers}
+
+def _expect_shape(name, value, shape):
+    """The graph is specialised to the example's shapes: another shape would fail deep inside, or worse."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"input {{name}}: this export is specialised to shape {{shape}}, got {{got}}; "
+                         f"export the model again with inputs of that shape (osp-compile export)")
+
 
 class OSPNextModel(torch.nn.Module):
     """The converted model; its tensors are attributes named after their path in the original model."""

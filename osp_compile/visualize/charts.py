@@ -1,7 +1,7 @@
 """Attention FLOPs per site, before and after the passes, as horizontal bars."""
 from __future__ import annotations
 
-from osp_compile.report import OSPReport, human_flops
+from osp_compile.report import OSPReport, flops_change, human_flops
 
 from .svg import Svg, text_width
 
@@ -19,7 +19,7 @@ def draw_flops(report: OSPReport) -> str:
     top = 58.0
     height = top + row_h * len(rows) + 16
     width = left + bar_w + 150
-    ratio = f"{before / after:.2f}x fewer" if after else "n/a"
+    ratio = flops_change(before, after)
     title = f"Attention FLOPs per forward: {human_flops(before)} -> {human_flops(after)} ({ratio})"
     svg = Svg(max(width, text_width(title, 14) + 20), height, title)
     svg.rect(0, 0, svg.width, height, fill="white")
