@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -55,9 +56,12 @@ class OSPModule(nn.Module):
         return f"osp: {self.osp_report.summary()}"
 
 
-_FAIL_ON_LIMIT = next((k for k in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
-                      if hasattr(torch._dynamo.config, k)), None)
-"""Dynamo's switch (named by torch version) that makes its recompile limit an error instead of eager."""
+@functools.cache
+def _fail_on_limit_switch() -> str | None:
+    """Dynamo's switch (named by torch version) that makes its recompile limit an error instead of
+    eager. Looked up on first use: importing torch._dynamo imports Triton."""
+    return next((k for k in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+                 if hasattr(torch._dynamo.config, k)), None)
 
 
 @contextlib.contextmanager
@@ -65,11 +69,12 @@ def recompile_limit_as_error():
     """Each new input signature (shapes, batch, dtype, grad mode) recompiles the converted graphs, and
     past Dynamo's recompile limit Dynamo would run the original forward eagerly: the dense model,
     without the passes and without a word. Here that is an `OSPError` instead."""
-    if _FAIL_ON_LIMIT is None:
+    switch = _fail_on_limit_switch()
+    if switch is None:
         yield
         return
     try:
-        with torch._dynamo.config.patch(**{_FAIL_ON_LIMIT: True}):
+        with torch._dynamo.config.patch(**{switch: True}):
             yield
     except Exception as exc:
         if type(exc).__name__ not in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):

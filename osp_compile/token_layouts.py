@@ -31,16 +31,18 @@ FOLDED = ("token", "group")
 
 
 def check_world(grid: tuple[int, int, int], p: int, world: int, heads: int | None = None, where: str = "",
-                ssp: bool = True) -> None:
+                subsequences: bool = True, natural: bool = True) -> None:
     """The arithmetic SSP (whole subsequences per rank) and Ulysses (token and head shards) need,
-    as errors that say how to fix it."""
+    as errors that say how to fix it. ``subsequences``: some layout holds whole subsequences per
+    rank (an SSP sparse site); ``natural``: some holds a shard of the natural order (a full site
+    under SSP, every site under Ulysses). Only what is used is checked."""
     t, h, w = grid
-    if ssp and (p * p) % world:
+    if subsequences and (p * p) % world:
         raise OSPConfigError(
             f"SSP with {world} ranks needs the world size to divide P*P = {p * p}{where}: each rank holds whole "
             f"subsequences. Use a world size in {[d for d in range(1, p * p + 1) if (p * p) % d == 0]}, or a larger P."
         )
-    if (t * h * w) % world:
+    if natural and (t * h * w) % world:
         raise OSPConfigError(
             f"{t * h * w} tokens (grid {grid}) do not split evenly over {world} ranks{where} for the full-attention "
             f"(Ulysses) shards: use a world size that divides T*H*W."

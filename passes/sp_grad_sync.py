@@ -1,10 +1,12 @@
-"""SP gradient sync pass: every trainable parameter passes once through `osp::sp_grad_sync`.
+"""SP gradient sync pass: every trainable parameter, and every graph input that requires grad,
+passes once through `osp::sp_grad_sync`.
 
 Under sequence parallelism each rank back-propagates only its own tokens, so parameter gradients
 are partial sums; the op is an identity forward whose backward all-reduces (SUM) the gradient over
 the SP group, inside the autograd graph - so `loss.backward()` alone leaves every rank with the
-single-process gradient, with no hooks to forget. It runs after the passes that add parameters
-(LoRA adapters), so those are synced too.
+single-process gradient, with no hooks to forget. An input (the latent, a conditioning an upstream
+module produced) is replicated like a parameter and its gradient is partial the same way. It runs
+after the passes that add parameters (LoRA adapters), so those are synced too.
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ def _trainable_params(gm: fx.GraphModule) -> list[fx.Node]:
         if keep:
             out.append(n)
     return out
+
+
+def _inputs_needing_grad(gm: fx.GraphModule) -> list[fx.Node]:
+    """The forward's own tensor inputs (not parameters) that require grad in this capture."""
+    return [n for n in gm.graph.find_nodes(op="placeholder")
+            if param_fqn(n) is None and isinstance(v := meta_value(n), torch.Tensor) and v.requires_grad]
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):
@@ -80,7 +88,8 @@ def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
     _refuse_split_training(ctx, _param_names(params))
     if not _has_sharded_region(gm):  # all replicated (one graph): every rank already holds the full gradient
         return gm, PassReport("sp_grad_sync", "no sharded region in this graph: gradients are already whole on every rank")
-    for p in params:
+    inputs = _inputs_needing_grad(gm)
+    for p in params + inputs:
         users = list(p.users)
         if not users:
             continue
@@ -90,5 +99,6 @@ def sp_grad_sync_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
         for u in users:
             u.replace_input_with(p, synced)
     gm.recompile()
-    return gm, PassReport("sp_grad_sync", f"{len(params)} parameter(s) all-reduce their gradient over {sp.world} ranks "
-                                          f"in backward", [{"param": param_fqn(p)} for p in params])
+    return gm, PassReport("sp_grad_sync", f"{len(params)} parameter(s) and {len(inputs)} input(s) all-reduce their "
+                                          f"gradient over {sp.world} ranks in backward",
+                          [{"param": param_fqn(p)} for p in params] + [{"input": n.name} for n in inputs])

@@ -297,13 +297,16 @@ class _Rewriter:
 
     def _adapt_operands(self, n: fx.Node, label: str) -> None:
         """Positional tables (e.g. RoPE) take the layout too; per-sample operands (text, modulation)
-        broadcast as they are, since a layout only permutes the token dim."""
+        broadcast as they are, since a layout only permutes the token dim. A positional table is an
+        operand of an elementwise op, aligned with the token dim and as long as it; an operand of
+        anything else - the text keys of a cross-attention, a linear's weight - is never one,
+        whatever its length (text as long as the video is not a position table)."""
+        if _kind_of(n, self.gm) not in _ELEMENTWISE:
+            return
         out_shape = self.shape[n]
         d = self.dim[n]
         for a in list(n.all_input_nodes):
             if a in self.dim or not isinstance(meta_value(a), torch.Tensor):
-                continue
-            if _kind_of(n, self.gm) in ("linear", "layer_norm", "rms_norm") and a is not n.args[0]:
                 continue
             shape = shape_of(a)
             off = len(out_shape) - len(shape)
@@ -347,7 +350,7 @@ class _Rewriter:
                 from osp_compile.distributed import ulysses_attention
 
                 check_world(self.grid, self.p, self.sp.world, heads=site.heads, where=f" at site {site.index}",
-                            ssp=self.sp.mode == "ssp")
+                            subsequences=False)
                 pattern = "full" if site.layout == "full" else site.layout
                 new = self.g.call_function(ulysses_attention, (q, k, v, self.sp.world, self.sp.group, pattern, t, h, w, self.p), kw)
                 new.meta["osp_ulysses"] = {"shape": tuple(hint(s) for s in shape_of(n)), "itemsize": meta_value(n).element_size(),
@@ -396,7 +399,9 @@ def token_layout_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
         return gm, PassReport("token_layout", "all sites full: the natural layout everywhere")
     rw = _Rewriter(gm, ctx)
     if rw.sp.world > 1:
-        check_world(rw.grid, rw.p, rw.sp.world, ssp=rw.sp.mode == "ssp")
+        ssp = rw.sp.mode == "ssp"
+        check_world(rw.grid, rw.p, rw.sp.world, subsequences=ssp and any(s.layout != "full" for s in sites),
+                    natural=not ssp or any(s.layout == "full" for s in sites))
     before = 4 * sum(1 for s in sites if s.layout != "full")
     rw.assign()
     rw.rewrite()

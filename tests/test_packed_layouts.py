@@ -121,3 +121,54 @@ def test_report_counts_the_flops_of_real_tokens_only():
         assert r.subsequence_len == max(int((sid == s).sum()) for s in range(4))  # the longest real one
         padded = 3 * padded_extent(6, 2) * padded_extent(10, 2) // 4
         assert r.flops_after < 4 * r.heads * r.head_dim * r.batch * 4 * padded ** 2  # the padded fold: more
+
+
+class TextAsLongAsVideo(torch.nn.Module):
+    """Self-attention over the video, then cross-attention to a text with a key-padding mask; run
+    with as many text tokens as video tokens, so only the dataflow tells a position table from
+    the text keys."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Conv3d(3, dim, (1, 2, 2), (1, 2, 2))
+        self.qkv, self.q2, self.kv2, self.out = (torch.nn.Linear(dim, n * dim) for n in (3, 1, 2, 1))
+
+    def split(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, video, text, text_mask):
+        x = self.embed(video).flatten(2).transpose(1, 2)
+        q, k, v = (self.split(t) for t in self.qkv(x).chunk(3, -1))
+        x = x + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        k2, v2 = (self.split(t) for t in self.kv2(text).chunk(2, -1))
+        cross = torch.nn.functional.scaled_dot_product_attention(self.split(self.q2(x)), k2, v2,
+                                                                 attn_mask=text_mask[:, None, None, :])
+        return self.out(x + cross.transpose(1, 2).flatten(2))
+
+
+def test_text_as_long_as_the_video_keeps_its_order():
+    """Text keys and values are not position tables, whatever their length: moved into the packed
+    layout, they would no longer line up with their key-padding mask."""
+    grid = (2, 4, 6)
+    model = TextAsLongAsVideo().eval()
+    gen = torch.Generator().manual_seed(0)
+    video = torch.randn(1, 3, 2, 8, 12, generator=gen)
+    text = torch.randn(1, 48, 16, generator=gen)  # 48 = T*H*W
+    mask = torch.rand(1, 48, generator=gen) < 0.5
+    converted = convert(model, (video, text, mask), config=OSPConfig(layout=["token"]))
+    sid = subsequence_id(grid, 2, "token")
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def oracle(q, k, v, attn_mask=None, **kw):  # the first call is the video self-attention
+        calls.append(1)
+        return real(q, k, v, attn_mask=(sid[:, None] == sid[None, :]) if len(calls) == 1 else attn_mask, **kw)
+
+    with torch.no_grad():
+        torch.nn.functional.scaled_dot_product_attention = oracle
+        try:
+            want = model(video, text, mask)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = real
+        assert rel_err(converted(video, text, mask), want) <= 1e-5

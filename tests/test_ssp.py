@@ -68,6 +68,39 @@ def test_bad_world_sizes(world, match):
         _plan("ssp", world)
 
 
+def test_only_the_shards_a_layout_uses_are_checked():
+    """SSP with every site full holds no subsequences (P*P need not divide by S); with every site
+    sparse, no natural-order shard (T*H*W need not divide by S, odd_grid_ssp_equals_single_process)."""
+    model = build_model("tiny", num_layers=2, device="meta")
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=(2, 16, 16), device="meta")
+    plan(model, args, kwargs, OSPConfig(sparse_ratio=3, layout="dense", sequence_parallel="ssp", sp_group=PlanningGroup(2)))
+    with pytest.raises(OSPConfigError, match=r"divide P\*P = 9"):
+        plan(model, args, kwargs, OSPConfig(sparse_ratio=3, layout="all_sparse", sequence_parallel="ssp",
+                                            sp_group=PlanningGroup(2)))
+
+
+def _odd_grid_worker(rank, world):
+    model = build_model("tiny", num_layers=2, seed=5)
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=(1, 10, 14), seed=6)  # grid (1, 5, 7): 35 tokens
+    x = args[0].clone().requires_grad_(True)
+    outs = []
+    for sp in (None, "ssp"):
+        torch._dynamo.reset()
+        conv = convert(model, args, kwargs, OSPConfig(layout="all_sparse", sequence_parallel=sp))
+        x.grad = None
+        out = conv(x, **kwargs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append((out.detach(), x.grad.clone()))
+    (o0, g0), (o1, g1) = outs
+    return {"out": rel_err(o1, o0), "grad": rel_err(g1, g0)}
+
+
+def test_odd_grid_ssp_equals_single_process(tmp_path):
+    for res in run_ranks(_odd_grid_worker, 2, tmp_path, timeout_s=120):
+        assert "error" not in res, res.get("trace")
+        assert res["out"] <= 1e-5 and res["grad"] <= 1e-5, res
+
+
 def test_heads_must_divide_for_ulysses():
     model = build_model("tiny", num_layers=4, device="meta")  # 4 heads
     with pytest.raises(Exception, match="4 heads do not divide by world size 8"):
