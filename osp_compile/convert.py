@@ -112,7 +112,7 @@ def convert(model: nn.Module, args: tuple = (), kwargs: dict | None = None, conf
     kwargs = kwargs or {}
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
-    if config.target == "npu" and not _torch_npu_present():
+    if config.target == "npu" and _runs_here(args, kwargs) and not _torch_npu_present():
         raise OSPConfigError(
             "target='npu' runs torch_npu's kernels, and torch_npu is not installed here (it needs Ascend's CANN). "
             "To write the NPU model on this machine, export it: `osp-compile export --target npu` "
@@ -133,6 +133,14 @@ def convert(model: nn.Module, args: tuple = (), kwargs: dict | None = None, conf
             f"linear weights (fnmatch on parameter names such as "
             f"{[n for n, p in model.named_parameters() if p.dim() == 2][:3]}): give patterns that match, or lora_rank=0.")
     return OSPModule(model, compiled, backend.report, config, backend.state)
+
+
+def _runs_here(args: tuple, kwargs: dict) -> bool:
+    """Whether the capture runs kernels: any input tensor not on the meta device (an export captures
+    on meta, where each kernel's fake implementation runs instead)."""
+    import torch.utils._pytree as pytree
+
+    return any(t.device.type != "meta" for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
 
 
 def _torch_npu_present() -> bool:

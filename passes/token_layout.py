@@ -289,19 +289,21 @@ class _Rewriter:
                     n.replace_input_with(m, conv)
             if n not in self.dim or label == "full" or (self.sp.world == 1 and label == "natural"):
                 continue
-            self._adapt_operands(n, label)
+            self._adapt_operands(n, label, is_site=n in site_of)
             if _kind_of(n, self.gm) in _SIZED:
                 self._rewrite_sizes(n, label)
             if n in site_of:
                 self._replace_site(n, site_of[n], label)
 
-    def _adapt_operands(self, n: fx.Node, label: str) -> None:
+    def _adapt_operands(self, n: fx.Node, label: str, is_site: bool) -> None:
         """Positional tables (e.g. RoPE) take the layout too; per-sample operands (text, modulation)
         broadcast as they are, since a layout only permutes the token dim. A positional table is an
-        operand of an elementwise op, aligned with the token dim and as long as it; an operand of
-        anything else - the text keys of a cross-attention, a linear's weight - is never one,
-        whatever its length (text as long as the video is not a position table)."""
-        if _kind_of(n, self.gm) not in _ELEMENTWISE:
+        operand of an elementwise op, aligned with the token dim and as long as it. So are the q, k
+        and v of a video self-attention site that the dataflow did not reach (a graph after a graph
+        break, whose sites were found by their length): they are its tokens by the site's
+        classification. An operand of anything else - the text keys of a cross-attention, a linear's
+        weight - never is, whatever its length (a text as long as the video is no position table)."""
+        if not is_site and _kind_of(n, self.gm) not in _ELEMENTWISE:
             return
         out_shape = self.shape[n]
         d = self.dim[n]

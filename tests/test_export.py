@@ -55,9 +55,11 @@ def test_cli_cpu_export_matches_convert(tmp_path, capsys):
         got = net(*args, **kwargs)
     assert rel_err(got, expected) <= 1e-6
     wider = torch.cat([args[0], args[0]])  # batch 2: the export is specialised to batch 1
-    with pytest.raises(ValueError, match=r"input x: this export is specialised to shape \(1, 4, 3, 12, 20\), "
-                                         r"got \(2, 4, 3, 12, 20\)"):
+    with pytest.raises(ValueError, match=r"input x: this export is specialised to shape \(1, 4, 3, 12, 20\) "
+                                         r"torch.float32, got \(2, 4, 3, 12, 20\) torch.float32"):
         net(wider, *args[1:], **kwargs)
+    with pytest.raises(ValueError, match=r"got \(1, 4, 3, 12, 20\) torch.bfloat16"):
+        net(args[0].bfloat16(), *args[1:], **kwargs)
 
 
 def test_npu_export_compiles_keeps_the_documented_signature_and_matches(npu_emulation, tmp_path):
@@ -128,3 +130,38 @@ class Broken(nn.Module):
 def test_export_names_the_graph_break(tmp_path):
     with pytest.raises(ExportError, match=r"single-graph models only.*graph break.*test_export\.py:\d+"):
         export_model(Broken(), (torch.randn(1, 3, 2, 8, 8),), {}, OSPConfig(layout="dense"), "cpu", str(tmp_path))
+
+
+def test_npu_export_needs_no_torch_npu(tmp_path, monkeypatch, capsys):
+    """The export captures on meta (kernels' fake implementations): it writes the NPU module on a
+    machine that has no torch_npu, as the README's command promises."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    assert main(["export", "--model", "tiny", "--layers", "2", "--target", "npu", "--out", str(tmp_path)]) == 0
+    assert "npu_fusion_attention" in (tmp_path / "model.py").read_text()
+
+
+def test_a_triton_kernel_is_not_exported_and_the_table_says_so(tmp_path, monkeypatch):
+    """The export writes torch and the target's library: where lowering chose a Triton kernel (here
+    the q/k RMSNorm + RoPE, as on a GPU machine), the module gets the portable op and says so."""
+    from osp_compile.hif8 import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "cuda_unavailable_reason", lambda: None)
+    model, args, kwargs = tiny()
+    result = export_model(model, args, kwargs, OSPConfig(layout="all_sparse"), "cuda", str(tmp_path))
+    text = open(result.module_path).read()
+    assert "def rms_norm_rope(" in text and "triton" not in text
+    rows = [r for r in result.kernels if r["op"] == "osp::rms_norm_rope"]
+    assert rows and all(r["kernel"] == "composite (portable torch)" and "Triton RMSNorm + RoPE" in r["refused"]
+                        and "not exported" in r["refused"] for r in rows)
+    with torch.no_grad():
+        got = import_export(result.module_path, "osp_export_cuda_rope").load(str(tmp_path), "cpu")(*args, **kwargs)
+        expected = convert(model, args, kwargs, OSPConfig(layout="all_sparse"))(*args, **kwargs)
+    assert rel_err(got, expected) <= 1e-6
+
+
+def test_lora_export_is_refused_before_conversion(tmp_path):
+    model, args, kwargs = tiny()
+    with pytest.raises(ExportError, match="lora_rank=2: exporting LoRA adapters is not supported yet"):
+        export_model(model, args, kwargs, OSPConfig(layout="all_sparse", lora_rank=2), "cpu", str(tmp_path))

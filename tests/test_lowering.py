@@ -140,12 +140,19 @@ def test_npu_kernel_grouped_query_attention(npu_emulation):
 def test_npu_kernel_falls_back_where_it_cannot_run(npu_emulation):
     q = torch.randn(1, 2, 6, 8)
     additive = torch.zeros(1, 1, 6, 6)
-    assert npu_refusal(q, q, additive, 0.0, False) == "an additive (float) mask"
-    assert npu_refusal(q, q, None, 0.0, True) == "causal attention"
-    assert npu_refusal(q, q, None, 0.1, False).startswith("dropout")
-    assert npu_refusal(q.double(), q, None, 0.0, False) is not None
-    for kwargs in ({"attn_mask": additive}, {"is_causal": True}):
-        assert torch.equal(npu_sdpa(q, q, q, **kwargs), F.scaled_dot_product_attention(q, q, q, **kwargs))
+    assert npu_refusal(q, q, q, additive, 0.0, False) == "an additive (float) mask"
+    assert npu_refusal(q, q, q, None, 0.0, True) == "causal attention"
+    assert npu_refusal(q, q, q, None, 0.1, False).startswith("dropout")
+    assert npu_refusal(q.double(), q, q, None, 0.0, False) is not None
+    # shapes SDPA takes and the BSND kernel does not: 3-d, batch-broadcast keys, a value head dim of its own
+    q3, k1, v16 = torch.randn(2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 16)
+    assert npu_refusal(q3, q3, q3, None, 0.0, False).startswith("q/k/v of 3/3/3 dims")
+    q2 = torch.randn(2, 2, 6, 8)
+    assert npu_refusal(q2, k1, k1, None, 0.0, False).startswith("batch sizes 2/1/1 differ")
+    assert npu_refusal(q, q, v16, None, 0.0, False).startswith("key (1, 2, 6, 8) / value (1, 2, 6, 16)")
+    for args, kwargs in (((q, q, q), {"attn_mask": additive}), ((q, q, q), {"is_causal": True}), ((q3, q3, q3), {}),
+                         ((q2, k1, k1), {}), ((q, q, v16), {})):
+        assert torch.equal(npu_sdpa(*args, **kwargs), F.scaled_dot_product_attention(*args, **kwargs))
     assert not npu_emulation.CALLS
 
 

@@ -39,6 +39,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """EMULATION of flash_attn.flash_attn_func: q [B, Sq, H, D], k/v [B, Skv, Hkv, D], fp16/bf16."""
     assert q.dtype in _HALF and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == 4
     assert q.shape[2] % k.shape[2] == 0 and q.shape[-1] <= 256 and dropout_p == 0.0 and not causal
+    assert k.shape == v.shape and q.shape[0] == k.shape[0] and v.shape[-1] == q.shape[-1]  # CHECK_SHAPE(v, ...)
     CALLS.append("flash_attn_func")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _attend(q, k, v, scale).to(q.dtype)
@@ -108,6 +109,33 @@ def test_flash_attn_refused_in_float32_or_when_not_installed(flash_emulation, mo
     assert _flash_check(_sdpa_node(torch.float32)) == "flash-attn needs float16/bfloat16, not torch.float32"
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
     assert _flash_check(_sdpa_node(torch.bfloat16)).startswith("flash-attn is not installed")
+
+
+def test_flash_refusals_and_the_scale(flash_emulation):
+    """What flash-attn cannot take runs SDPA (same result, no flash call); an explicit scale reaches it."""
+    from osp_compile.lowering.cuda import flash_refusal
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 6, 16, generator=g).bfloat16()
+    cases = {
+        "a mask that is not a boolean key-padding mask": dict(attn_mask=torch.ones(2, 1, 6, 6, dtype=torch.bool)),
+        "causal attention": dict(is_causal=True),
+        "dropout": dict(dropout_p=0.1),
+    }
+    for why, kwargs in cases.items():
+        facts = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, **kwargs}
+        assert flash_refusal(q, q, q, **facts).startswith(why)
+    wide = torch.randn(1, 2, 6, 320, generator=g).bfloat16()
+    assert flash_refusal(wide, wide, wide, None, 0.0, False) == "head dim 320 > 256"
+    k1 = q[:1]
+    assert flash_refusal(q, k1, k1, None, 0.0, False).startswith("batch sizes 2/1/1 differ")
+    for args, kwargs in (((q, q, q), cases["causal attention"]), ((q, k1, k1), {}), ((wide, wide, wide), {})):
+        assert torch.equal(flash_sdpa(*args, **kwargs), F.scaled_dot_product_attention(*args, **kwargs))
+    assert not flash_emulation
+    got = flash_sdpa(q, q, q, scale=0.3)
+    assert flash_emulation == ["flash_attn_func"]
+    assert rel_err(got, F.scaled_dot_product_attention(q.float(), q.float(), q.float(), scale=0.3)) <= 1e-2
+    assert rel_err(got, F.scaled_dot_product_attention(q.float(), q.float(), q.float())) > 5e-2  # not the default
 
 
 def test_cuda_export_with_flash_attn_equals_the_lowered_model(flash_emulation, tmp_path):

@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree
 from .. import __version__
 from ..config import OSPConfig
 from ..lowering import KERNEL_KEY, TARGET_KEY
+from ..lowering.attention_ops import OPAQUE_IMPLS
 from ..report import format_table
 from .graph import ForwardCode, describe, forward_code
 from .source import ExportError, SourceEmitter
@@ -77,8 +78,8 @@ def _module_text(fwd: ForwardCode, emitter: SourceEmitter, target: str, kernels:
     table = format_table([{"op": op, "kernel": kernel, "calls": n} for (op, kernel), n in counts.items()])
     kernel_table = "\n".join(f"    {line}" for line in table.splitlines())
     forward = "\n".join(f"    {line}" if line else line for line in fwd.code.splitlines())
-    checks = "".join(f"        _expect_shape({name!r}, {name}, {tuple(v.shape)!r})\n" for name, v in fwd.inputs.items()
-                     if isinstance(v, torch.Tensor))
+    checks = "".join(f"        _expect_input({name!r}, {name}, {tuple(v.shape)!r}, {str(v.dtype)!r})\n"
+                     for name, v in fwd.inputs.items() if isinstance(v, torch.Tensor))
     forward = forward.replace("):\n", f'):\n        """The rewritten forward; returns what {model_name}.forward returns."""\n{checks}', 1)
     parameters = "\n".join(f"    {attr!r}: {path!r}," for attr, path in fwd.parameters.items())
     return f'''"""{model_name} rewritten by osp-compile {__version__} into the OSP-Next model, for target "{target}".
@@ -100,12 +101,12 @@ import os
 
 {helpers}
 
-def _expect_shape(name, value, shape):
-    """The graph is specialised to the example's shapes: another shape would fail deep inside, or worse."""
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"input {{name}}: this export is specialised to shape {{shape}}, got {{got}}; "
-                         f"export the model again with inputs of that shape (osp-compile export)")
+def _expect_input(name, value, shape, dtype):
+    """The graph is specialised to the example's shapes and dtypes: others would fail deep inside, or worse."""
+    if not isinstance(value, torch.Tensor) or (tuple(value.shape), str(value.dtype)) != (shape, dtype):
+        got = f"{{tuple(value.shape)}} {{value.dtype}}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"input {{name}}: this export is specialised to shape {{shape}} {{dtype}}, got {{got}}; "
+                         f"export the model again with such inputs (osp-compile export)")
 
 
 class OSPNextModel(torch.nn.Module):
@@ -161,6 +162,25 @@ def _on_meta(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _portable_where_not_written(gm: fx.GraphModule, rows: list[dict]) -> None:
+    """A kernel the export cannot write out - a Triton kernel, where the export is torch and the
+    target's library - gives its node back the portable ``osp::`` op, and the kernel table says so
+    (library calls wrapped as opaque ops, flash-attn or torch_npu attention, are written out)."""
+    by_node = {r["node"]: r for r in rows}
+    for node in gm.graph.nodes:
+        op = node.target
+        if (not isinstance(op, torch._ops.OpOverload) or not op.namespace.startswith("osp_")
+                or any(op is opaque for opaque in OPAQUE_IMPLS)):
+            continue
+        node.target = getattr(torch.ops.osp, op._schema.name.split("::")[-1]).default
+        node.meta.pop(KERNEL_KEY, None)
+        row = by_node[node.name]
+        refused = f"{row['kernel']}: not exported (a Triton kernel; the export writes torch and the target's library)"
+        row["refused"] = refused if row["refused"] == "-" else f"{row['refused']}; {refused}"
+        row["kernel"] = "composite (portable torch)"
+    gm.recompile()
+
+
 def export_model(model: torch.nn.Module, args: tuple, kwargs: dict | None, config: OSPConfig, target: str,
                  directory: str) -> ExportResult:
     """Convert `model` for `target` (cpu, cuda or npu) and write it to `directory` (see the module doc)."""
@@ -168,12 +188,17 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict | None, confi
 
     if target not in LIBRARIES:
         raise ExportError(f"unknown export target {target!r}: use one of {', '.join(LIBRARIES)}")
+    if config.lora_rank:
+        raise ExportError(f"lora_rank={config.lora_rank}: exporting LoRA adapters is not supported yet; merge them "
+                          f"into the weights first (osp_compile.grpo.merge_adapters) and export with lora_rank=0")
     meta_model = _on_meta(model)
     meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs or {}))
     converted = convert(meta_model, meta_args, meta_kwargs, config.replace(target=target))
     gm = _single_graph(converted.osp_report, meta_model, meta_args, meta_kwargs)
     if gm.meta.get(TARGET_KEY) != target:
         raise ExportError("the captured graph was not lowered (the lowering pass runs last in the default pipeline)")
+    kernels = next(p.rows for p in converted.osp_report.graphs[0].passes if p.name == "lowering")
+    _portable_where_not_written(gm, kernels)
     with torch.no_grad():
         output = meta_model(*meta_args, **meta_kwargs)
     emitter = SourceEmitter(LIBRARIES[target], RESERVED)
@@ -183,7 +208,6 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict | None, confi
     for node in gm.graph.nodes:
         for line in getattr(node.meta.get(KERNEL_KEY), "imports", ()):
             emitter.import_statement(line, f"the kernel of node {node.name!r}")
-    kernels = next(p.rows for p in converted.osp_report.graphs[0].passes if p.name == "lowering")
     os.makedirs(directory, exist_ok=True)
     module_path = os.path.join(directory, MODULE_FILE)
     with open(module_path, "w") as f:

@@ -96,7 +96,7 @@ def _tensor_at(model: torch.nn.Module, path: str) -> torch.Tensor:
 def _callee(node: fx.Node) -> tuple[Callable, str] | None:
     """(function to copy, name to call it by) for a node the export must provide code for."""
     target = node.target
-    if isinstance(target, torch._ops.OpOverload) and target.namespace.startswith("osp"):
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "osp":
         op = target._schema.name.split("::")[-1]
         fn = composite_function(op)
         if fn is None:

@@ -46,6 +46,15 @@ def _interpreter_cls():
     return InterpretedFunction
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why the Triton kernels cannot run on CUDA here (None: they can), for lowering's report."""
+    if _import_triton()[0] is None:
+        return "Triton is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device here"
+    return None
+
+
 def triton_available(device: torch.device | str = "cuda") -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA needs Triton and a GPU; CPU needs
     Triton's interpreter (slow: meant for tests)."""

@@ -52,6 +52,19 @@ def as_4d(mask: Tensor) -> Tensor:
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
+def shape_refusal(query, key, value) -> str | None:
+    """Why a library kernel taking [B, S, N, D] q/k/v of one batch and one head dim cannot run these
+    SDPA operands (None: it can). SDPA also takes other ranks, batch-broadcast keys and a value head
+    dim of its own; flash-attn and npu_fusion_attention do not."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return f"q/k/v of {query.dim()}/{key.dim()}/{value.dim()} dims (the kernel takes [B, N, S, D])"
+    if not query.shape[0] == key.shape[0] == value.shape[0]:
+        return f"batch sizes {query.shape[0]}/{key.shape[0]}/{value.shape[0]} differ (SDPA broadcasts, the kernel does not)"
+    if key.shape != value.shape or value.shape[-1] != query.shape[-1]:
+        return f"key {tuple(key.shape)} / value {tuple(value.shape)} / query head dim {query.shape[-1]} differ"
+    return None
+
+
 def attention_facts(node: fx.Node) -> dict[str, Any]:
     """What a kernel's check needs from an attention node (example values, not tensors).
 
@@ -62,9 +75,9 @@ def attention_facts(node: fx.Node) -> dict[str, Any]:
 
     if is_sdpa(node):
         a = sdpa_args(node)
-        return {"query": meta_value(a["query"]), "key": meta_value(a["key"]), "attn_mask": meta_value(a["attn_mask"]),
-                "dropout_p": a["dropout_p"], "is_causal": a["is_causal"]}
+        return {"query": meta_value(a["query"]), "key": meta_value(a["key"]), "value": meta_value(a["value"]),
+                "attn_mask": meta_value(a["attn_mask"]), "dropout_p": a["dropout_p"], "is_causal": a["is_causal"]}
     names = [arg.name for arg in node.target._schema.arguments]
     bound = dict(zip(names, node.args)) | dict(node.kwargs)
-    return {"query": meta_value(node.args[0]), "key": meta_value(node.args[1]), "attn_mask": None,
-            "dropout_p": bound.get("dropout_p", 0.0), "is_causal": False}
+    return {"query": meta_value(node.args[0]), "key": meta_value(node.args[1]), "value": meta_value(node.args[2]),
+            "attn_mask": None, "dropout_p": bound.get("dropout_p", 0.0), "is_causal": False}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention_ops import as_4d, attention_facts, attention_op
+from .attention_ops import as_4d, attention_facts, attention_op, shape_refusal
 from .registry import register_kernel
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -59,8 +59,11 @@ def flash_attn_available() -> bool:
     return True
 
 
-def flash_refusal(query, key, attn_mask, dropout_p, is_causal) -> str | None:
+def flash_refusal(query, key, value, attn_mask, dropout_p, is_causal) -> str | None:
     """Why flash-attn cannot run this SDPA call (None: it can)."""
+    shapes = shape_refusal(query, key, value)
+    if shapes:
+        return shapes
     if query.dtype not in FLASH_DTYPES:
         return f"flash-attn needs float16/bfloat16, not {query.dtype}"
     if query.shape[-1] > FLASH_MAX_HEAD_DIM:
@@ -78,7 +81,7 @@ def flash_refusal(query, key, attn_mask, dropout_p, is_causal) -> str | None:
 
 def flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """`F.scaled_dot_product_attention` on flash-attn; calls it cannot take (`flash_refusal`) run SDPA."""
-    if flash_refusal(query, key, attn_mask, dropout_p, is_causal) is not None:
+    if flash_refusal(query, key, value, attn_mask, dropout_p, is_causal) is not None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return flash_attention(query, key, value, attn_mask, query.shape[-1] ** -0.5 if scale is None else scale,

@@ -114,8 +114,9 @@ def refusal(node) -> str | None:
     x, w = meta_value(a["x"]), meta_value(a["weight"])
     if not all(isinstance(t, torch.Tensor) for t in (x, w)):
         return "no example values for the inputs"
-    if not triton_kernels.triton_available("cuda"):
-        return "Triton is not installed"
+    unavailable = triton_kernels.cuda_unavailable_reason()
+    if unavailable:
+        return unavailable
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype}: the kernel takes float16, bfloat16 or float32"
     head_dim = x.shape[-1] // a["heads"]

@@ -98,7 +98,7 @@ gelu_hif8_linear_npu = inference.hif8_linear_op(
 
 
 def _cuda_check(node) -> str | None:
-    return None if triton_kernels.triton_available("cuda") else "Triton is not installed"
+    return triton_kernels.cuda_unavailable_reason()
 
 
 def _fast_accum_check(node) -> str | None:

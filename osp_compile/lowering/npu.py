@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention_ops import as_4d, attention_facts, attention_op
+from .attention_ops import as_4d, attention_facts, attention_op, shape_refusal
 from .registry import register_kernel
 
 NPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -50,8 +50,11 @@ def _npu_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optiona
 npu_attention = attention_op("osp_npu::fusion_attention", _npu_attention)
 
 
-def npu_refusal(query, key, attn_mask, dropout_p, is_causal) -> str | None:
+def npu_refusal(query, key, value, attn_mask, dropout_p, is_causal) -> str | None:
     """Why npu_fusion_attention cannot run this SDPA call (None: it can)."""
+    shapes = shape_refusal(query, key, value)
+    if shapes:
+        return shapes
     if query.dtype not in NPU_DTYPES:
         return f"{query.dtype} is not a dtype of npu_fusion_attention"
     if is_causal:
@@ -65,7 +68,7 @@ def npu_refusal(query, key, attn_mask, dropout_p, is_causal) -> str | None:
 
 def npu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """`F.scaled_dot_product_attention` on the NPU fused kernel; calls it cannot take (`npu_refusal`) run SDPA."""
-    if npu_refusal(query, key, attn_mask, dropout_p, is_causal) is not None:
+    if npu_refusal(query, key, value, attn_mask, dropout_p, is_causal) is not None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return npu_attention(query, key, value, attn_mask, query.shape[-1] ** -0.5 if scale is None else scale,
