@@ -1,4 +1,5 @@
-"""Skip markers shared by the test modules: kernels that need Triton's CPU interpreter or a GPU."""
+"""Skip markers shared by the test modules: kernels that need Triton's CPU interpreter or a GPU; and
+a stand-in for a GPU machine's Triton, for lowering decisions taken on this CPU."""
 import pytest
 import torch
 
@@ -6,3 +7,10 @@ from osp_compile.hif8 import triton_kernels
 
 needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def as_if_triton_on_cuda(monkeypatch) -> None:
+    """Lowering and the kernels see Triton usable on CUDA, as on a GPU machine (the kernels then run
+    interpreted, or emulated, on the CPU tensors of the test)."""
+    monkeypatch.setattr(triton_kernels, "triton_available", lambda device="cuda": True)
+    monkeypatch.setattr(triton_kernels, "cuda_unavailable_reason", lambda: None)

@@ -21,7 +21,7 @@ from osp_compile.hif8 import triton_gemm
 from test_hif8_infer import _linear_case, install_fake_torch_npu
 from test_hif8_ssp import PEER_AMAX, _with_peer, peer  # noqa: F401  (peer: the emulated SP group fixture)
 from test_linear_fusions import _rows
-from markers import needs_cuda, needs_interp
+from markers import as_if_triton_on_cuda, needs_cuda, needs_interp
 
 
 LATENT = (2, 8, 16)
@@ -238,7 +238,7 @@ def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
     """The CUDA kernel's FP8 path, run on this CPU (``torch._scaled_mm`` has a CPU kernel here):
     q, k and v get the same in-graph max and share one quantization of their input, so a step
     quantizes each activation once."""
-    monkeypatch.setattr(triton_kernels, "triton_available", lambda device="cuda": True)
+    as_if_triton_on_cuda(monkeypatch)
     monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
     calls = []
     real = fp8.quantize_act_e4m3

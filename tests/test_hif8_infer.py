@@ -24,7 +24,7 @@ from osp_compile.lowering.registry import kernels_for
 from osp_compile.oracle import masked_oracle, rel_err
 from reference_model import PRESETS, build_model, make_inputs
 from test_hif8_qat import block_linears, fq_ref, hif8_dtype, hif8_rows, patch_linears, unpatch_linears
-from markers import needs_cuda, needs_interp
+from markers import as_if_triton_on_cuda, needs_cuda, needs_interp
 
 needs_sm89 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
                                 reason="FP8 tensor cores need CUDA capability >= 8.9")
@@ -376,7 +376,7 @@ def test_fast_accumulation_kernel_only_when_asked(fast, monkeypatch):
     the FP8 kernel's accumulation."""
     from osp_compile.convert import plan
 
-    monkeypatch.setattr(triton_kernels, "triton_available", lambda device="cuda": True)
+    as_if_triton_on_cuda(monkeypatch)
     model = build_model("tiny", num_layers=1, seed=14)
     args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=15)
     report = plan(model, args, kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cuda", fp8_fast_accum=fast))

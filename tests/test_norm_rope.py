@@ -8,7 +8,6 @@ import torch.nn as nn
 
 from osp_compile import OSPConfig, convert
 from osp_compile.backend import osp_backend, report_for
-from osp_compile.hif8 import triton_kernels
 from osp_compile.lowering import cuda_norm_rope
 from osp_compile.oracle import rel_err
 from osp_compile.ops import rms_norm_rope
@@ -16,7 +15,7 @@ from reference_model import PRESETS, build_model, make_inputs
 from reference_model.model import RMSNorm, apply_rope, rope_cos_sin
 from test_hif8_fusions import output_and_input_grad
 from test_linear_fusions import _rows
-from markers import needs_cuda, needs_interp
+from markers import as_if_triton_on_cuda, needs_cuda, needs_interp
 
 
 LATENT = (3, 14, 20)  # two length classes per sparse site
@@ -120,7 +119,7 @@ def _lowered(converted) -> list[str]:
 def test_lowering_picks_the_kernel_for_cuda_inference_only(monkeypatch):
     """Lowered for CUDA (the kernel runs interpreted on these CPU tensors): chosen without
     autograd, and the output matches the op's calls; with autograd the op keeps its calls."""
-    monkeypatch.setattr(triton_kernels, "triton_available", lambda device="cuda": True)
+    as_if_triton_on_cuda(monkeypatch)
     with torch.no_grad():
         converted, args, kwargs = _convert(True, SMALL, target="cuda")  # the interpreter is slow
         plain, _, _ = _convert(True, SMALL)
