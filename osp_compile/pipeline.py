@@ -30,6 +30,7 @@ class SiteRegistry:
     num_sites: int | None = None  # known total (pre-counted by convert, or given as an option)
     keys: dict[tuple, int] = field(default_factory=dict)
     grid: tuple | None = None  # the grid an earlier graph found, for graphs that lack the embedding
+    joint: set = field(default_factory=set)  # (joined length, video offset) of the joint attention found so far
     counting: bool = False  # only number the sites (every site reads as full); nothing is fixed
     _layouts: list[str] | None = None
 

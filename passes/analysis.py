@@ -78,6 +78,7 @@ class AttentionSite:
     video_offset: int = 0  # joint: where the video tokens start in the joined sequence
     text_len: int = 0  # joint: how many other (text) tokens the joined sequence holds
     unsupported: str | None = None  # why the site cannot be made sparse (a mask that varies per query, ...)
+    reached: bool = False  # the dataflow followed video tokens to its query (whatever it then found)
 
     @property
     def attention_flops(self) -> int:
@@ -406,10 +407,10 @@ class _Tracker:
                 start, stop, step = it.indices(n)
                 if not holds_tokens(dim):
                     layout.append(other_dim(len(range(start, stop, step))))
-                elif (start, stop, step) == (0, n, 1):
+                elif dim == (dim[0],) and dim[0].kind == JOINT and step == 1:  # a whole range too: no text
+                    joint_cut = (len(layout), start, stop)  # around the video is the video alone
                     layout.append(dim)
-                elif dim == (dim[0],) and dim[0].kind == JOINT and step == 1:
-                    joint_cut = (len(layout), start, stop)
+                elif (start, stop, step) == (0, n, 1):
                     layout.append(dim)
                 else:
                     return None, "indexing selects part of the tokens"
@@ -503,9 +504,7 @@ class _Tracker:
                 site.text_len = site.q_len - hint(product(qa.grid))
                 site.how = (f"joint text+video attention: {site.text_len} text tokens, video tokens at "
                             f"[{site.video_offset}, {site.video_offset + site.q_len - site.text_len}) of the sequence")
-                mask = a["attn_mask"]
-                if mask is not None and (shape_of(mask) is None or (len(shape_of(mask)) >= 2 and shape_of(mask)[-2] != 1)):
-                    site.unsupported = "the attention mask varies per query (only a key mask, e.g. text padding, is kept)"
+                _check_joint_mask(site)
             else:
                 site.kind, site.how = "video_self", "tokens followed from the patch embedding"
         elif on_seq(qa, q) and not qa.is_joint:
@@ -516,8 +515,16 @@ class _Tracker:
         else:
             site.how = "query is not video tokens on its sequence dim"
         if on_seq(qa, q):
+            site.reached = True
             self.axes[node] = qa.with_layout((*qa.layout[:-1], other_dim(shape_of(node)[-1])))
         self.result.sites.append(site)
+
+
+def _check_joint_mask(site: AttentionSite) -> None:
+    """A joint site keeps only a key mask (text padding): one that varies per query cannot be folded."""
+    mask = sdpa_args(site.node)["attn_mask"]
+    if mask is not None and (shape_of(mask) is None or (len(shape_of(mask)) >= 2 and shape_of(mask)[-2] != 1)):
+        site.unsupported = "the attention mask varies per query (only a key mask, e.g. text padding, is kept)"
 
 
 def analyse(gm: fx.GraphModule) -> Analysis:
@@ -525,15 +532,30 @@ def analyse(gm: fx.GraphModule) -> Analysis:
     return _Tracker(gm).run()
 
 
-def classify_by_grid(analysis: Analysis, grid: tuple[int, int, int]) -> None:
-    """With a known grid, classify the remaining attention calls by their sequence lengths."""
+def classify_by_grid(analysis: Analysis, grid: tuple[int, int, int], joint: set[tuple[int, int]] = frozenset()) -> None:
+    """With a known grid, classify the attention calls the dataflow could not account for by their
+    sequence lengths: those whose query it never reached, in a graph where it cannot have reached
+    every video token (no patch embedding here - a graph after a graph break, a model that takes
+    tokens - or a trail that stopped). Where it followed the tokens from the embedding without a
+    stop, a call it did not reach is not video, whatever its length: a text as long as the video
+    stays text. `joint`: (joined length, video offset) of the joint text+video attention earlier
+    graphs found, so that such calls after a graph break are found again by their length."""
+    if analysis.origins and not analysis.stops:
+        return
     tokens = grid[0] * grid[1] * grid[2]
+    offsets = dict(joint)
     for site in analysis.sites:
-        if site.kind in LAYOUT_KINDS:
+        if site.reached or site.kind != "other":
             continue
         if site.q_len == tokens and site.kv_len == tokens:
             site.kind, site.grid, site.how = "video_self", tuple(grid), "sequence length equals T*H*W of the grid"
-        elif site.q_len == tokens and site.kind == "other":
+        elif site.q_len == site.kv_len and site.q_len in offsets:
+            site.kind, site.grid, site.video_offset = "joint", tuple(grid), offsets[site.q_len]
+            site.text_len = site.q_len - tokens
+            site.how = (f"sequence length equals an earlier graph's joint text+video attention ({site.text_len} text "
+                        f"tokens, video tokens at {site.video_offset})")
+            _check_joint_mask(site)
+        elif site.q_len == tokens:
             site.kind, site.grid, site.how = "cross", tuple(grid), "query length equals T*H*W of the grid"
 
 
@@ -589,11 +611,12 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
                     f"models where no grid can be found), or correct it."
                 )
             s.grid, s.origin, s.grid_sources, s.how = tuple(cfg.grid), None, (), "grid from OSPConfig.grid"
-        classify_by_grid(an, cfg.grid)
+        classify_by_grid(an, cfg.grid, reg.joint)
     elif not an.layout_sites and reg.grid is not None:
-        classify_by_grid(an, reg.grid)
+        classify_by_grid(an, reg.grid, reg.joint)
     if an.layout_sites and reg.grid is None:
         reg.grid = tuple(hint(g) for g in an.layout_sites[0].grid)
+    reg.joint |= {(s.q_len, s.video_offset) for s in an.layout_sites if s.kind == "joint"}
     ctx.analysis = an
     if an.sites and not an.layout_sites and not reg.keys:
         err = no_grid_error(an)

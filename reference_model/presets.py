@@ -41,11 +41,12 @@ PRESETS: dict[str, WanConfig] = {
     "wan-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }
 
-#: (width, height) in pixels.
+#: (width, height) in pixels. 768p is the paper's "1360x768 class" at the token grid it states,
+#: 21 x 48 x 80 (80,640 tokens, no padding for P = 2): 1280 pixels wide (1360 would give 85 columns).
 RESOLUTIONS: dict[str, tuple[int, int]] = {
     "480p": (832, 480),
     "720p": (1280, 720),
-    "768p": (1360, 768),
+    "768p": (1280, 768),
 }
 
 #: Wan VAE compression (frames, height, width).

@@ -53,7 +53,10 @@ def sample(
     v = v_neg + guidance_scale * (v_pos - v_neg). The latent is integrated in float32 and
     returned in `noise`'s dtype.
     """
-    use_cfg = guidance_scale != 1.0 and negative_context is not None
+    if guidance_scale != 1.0 and negative_context is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a negative_context (the unconditional text) to guide "
+                         f"against; without guidance use guidance_scale=1.0")
+    use_cfg = guidance_scale != 1.0
     sigmas = shifted_sigmas(num_steps, shift).tolist()
     x = noise.float()
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling"):

@@ -97,6 +97,6 @@ def test_lora_models_are_refused():
     torch.manual_seed(5)
     model, x = MixedForms(), torch.randn(3, 5, 16)
     torch._dynamo.reset()
-    converted = convert(model, (x,), config=OSPConfig(quant="hif8-infer", lora_rank=2))
+    converted = convert(model, (x,), config=OSPConfig(quant="hif8-infer", lora_rank=2, lora_targets=["head.weight"]))
     with pytest.raises(ValueError, match="LoRA"):
         release_float_weights(converted)

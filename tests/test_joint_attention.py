@@ -76,10 +76,16 @@ class JointDiT(nn.Module):
         x = self.embed(video.flatten(0, 1))
         x = x.view(b, f, *x.shape[1:]).flatten(3).transpose(2, 3).flatten(1, 2)
         text = self.text(caption)
-        n_text = text.shape[1]
         if self.mode == "two_streams":
             x = torch.cat([x, x * 2], dim=1)
-        for qkv in self.qkv:
+        text, x = self.layers(self.qkv[:1], text, x)
+        if self.mode == "graph_break":
+            torch._dynamo.graph_break()  # the later graph finds its joint sites by their length
+        return self.layers(self.qkv[1:], text, x)[1]
+
+    def layers(self, layers, text, x):
+        b, n_text = x.shape[0], text.shape[1]
+        for qkv in layers:
             h = torch.cat([text, x], dim=1)
             if self.mode == "cut":  # pieces that cut the video tokens apart, joined again
                 h = torch.cat([h[:, :n_text + 2], h[:, n_text + 2:]], dim=1)
@@ -89,23 +95,26 @@ class JointDiT(nn.Module):
             mask = torch.ones(s, s, dtype=torch.bool).tril() if self.mode == "per_query_mask" else None
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, c)
             text, x = text + o[:, :n_text], x + o[:, n_text:]
-        return x
+        return text, x
 
 
-def _inputs():
+def _inputs(text_len=4):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(1, 2, 3, 10, 12, generator=g), torch.randn(1, 4, 8, generator=g)  # grid (2, 5, 6), 4 text
+    return torch.randn(1, 2, 3, 10, 12, generator=g), torch.randn(1, text_len, 8, generator=g)  # grid (2, 5, 6)
 
 
-def test_conv2d_on_folded_frames_and_the_joined_sequence_are_found():
+@pytest.mark.parametrize("mode,text_len", [("ok", 4), ("graph_break", 4), ("ok", 0)])
+def test_conv2d_on_folded_frames_and_the_joined_sequence_are_found(mode, text_len):
+    """Also after a graph break (the later graph has no patch embedding: its joint sites are known
+    by the length an earlier graph found) and with no text at all (the joined sequence is the video)."""
     torch.manual_seed(0)
-    model, (video, caption) = JointDiT(), _inputs()
+    model, (video, caption) = JointDiT(mode=mode), _inputs(text_len)
     converted = convert(model, (video, caption), config=OSPConfig(layout="all_sparse"))
     report = converted.osp_report
     assert report.layout == ["token", "group", "token"]
-    assert [(s.kind, s.grid, s.text_tokens) for s in report.video_sites] == [("joint", (2, 5, 6), 4)] * 3
+    assert [(s.kind, s.grid, s.text_tokens) for s in report.video_sites] == [("joint", (2, 5, 6), text_len)] * 3
     assert sum(g.code.count("torch.ops.osp.skiparse_joint_attention") for g in report.graphs) == 3
-    with torch.no_grad(), masked_oracle(report.layout, (2, 5, 6), 2, text_len=4, video_offset=4):
+    with torch.no_grad(), masked_oracle(report.layout, (2, 5, 6), 2, text_len=text_len, video_offset=text_len):
         ref = model(video, caption)
     with torch.no_grad():
         assert rel_err(converted(video, caption), ref) <= 1e-5

@@ -196,3 +196,21 @@ def test_inductor_gradients_reach_the_adapters_and_switch_needs_no_recompile():
         torch.testing.assert_close(compiled(x), base)
     torch.testing.assert_close(compiled(x), out)
     assert len(report_for(options).graphs) == graphs == 1  # one capture served the whole test
+
+
+def test_adapters_beside_hif8_inference_linears(inputs):
+    """LoRA on a frozen HiF8 model (the adapters train beside the quantized q/k/v/o): the codes'
+    symbolic sizes once made the adapters' shapes fail. At init the output is the HiF8 model's;
+    every adapter gets a gradient."""
+    args, kwargs = inputs
+    config = OSPConfig(num_full_blocks=1, quant="hif8-infer")
+    with torch.no_grad():
+        plain = convert(build_model("tiny", num_layers=2), args, kwargs, config)(*args, **kwargs)
+    model = convert(build_model("tiny", num_layers=2), args, kwargs, config.replace(lora_rank=4))
+    store = lora_adapters(model)
+    assert len(store.lora_A) == ATTN_LINEARS
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kwargs), plain)
+    _randomise_b(store)
+    model(*args, **kwargs).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in store.parameters())

@@ -157,6 +157,9 @@ def test_text_as_long_as_the_video_keeps_its_order():
     text = torch.randn(1, 48, 16, generator=gen)  # 48 = T*H*W
     mask = torch.rand(1, 48, generator=gen) < 0.5
     converted = convert(model, (video, text, mask), config=OSPConfig(layout=["token"]))
+    # with grid= as well: the dataflow proved the second call cross-attention, its length changes nothing
+    with_grid = convert(model, (video, text, mask), config=OSPConfig(layout=["token"], grid=grid))
+    assert [s.kind for s in with_grid.osp_report.site_rows] == ["video_self", "cross"]
     sid = subsequence_id(grid, 2, "token")
     real = torch.nn.functional.scaled_dot_product_attention
     calls = []
@@ -172,3 +175,4 @@ def test_text_as_long_as_the_video_keeps_its_order():
         finally:
             torch.nn.functional.scaled_dot_product_attention = real
         assert rel_err(converted(video, text, mask), want) <= 1e-5
+        assert rel_err(with_grid(video, text, mask), want) <= 1e-5

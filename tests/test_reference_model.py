@@ -288,6 +288,8 @@ def test_sample_calls_model_as_velocity_predictor():
     out = sample(ctx_model, noise, ctx, num_steps=3, guidance_scale=4.0, negative_context=neg)
     torch.testing.assert_close(out, noise + 3.0)  # v = 1 + 4 * (0 - 1) = -3, integrated over sigma 1 -> 0
     out = sample(ctx_model, noise, ctx, num_steps=3, guidance_scale=1.0, negative_context=neg)
+    with pytest.raises(ValueError, match="needs a negative_context"):
+        sample(ctx_model, noise, ctx, num_steps=3, guidance_scale=4.0)
     torch.testing.assert_close(out, noise)
 
 
@@ -324,13 +326,13 @@ def test_big_preset_configs_without_building():
         assert (c.in_channels, c.out_channels, c.text_dim, c.text_len, c.freq_dim) == (16, 16, 4096, 512, 256)
         assert c.patch_size == (1, 2, 2) and c.eps == 1e-6 and c.rope_theta == 10000.0
         assert c.cross_attn_norm and c.qk_norm
-    assert RESOLUTIONS == {"480p": (832, 480), "720p": (1280, 720), "768p": (1360, 768)}
+    assert RESOLUTIONS == {"480p": (832, 480), "720p": (1280, 720), "768p": (1280, 768)}
     assert latent_shape("480p") == (21, 60, 104)
     assert latent_shape("720p") == (21, 90, 160)
     assert latent_shape("480p", frames=1) == (1, 60, 104)
     assert token_grid(c14, latent_shape("720p")) == (21, 45, 80)
     assert token_grid("wan-14b", latent_shape("480p")) == (21, 30, 52)
-    assert token_grid(c13, latent_shape("768p")) == (21, 48, 85)
+    assert token_grid(c13, latent_shape("768p")) == (21, 48, 80)  # anchors.md: 80,640 tokens
     with pytest.raises(ValueError):
         latent_shape("480p", frames=80)
     with pytest.raises(ValueError):
