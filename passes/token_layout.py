@@ -408,6 +408,8 @@ def token_layout_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
     rw.assign()
     rw.rewrite()
     if rw.sp.world > 1:
+        if torch.is_grad_enabled():
+            _refuse_inexact_training(rw)
         rw.scale_replicated_after_gather()
     gm.graph.lint()
     gm.recompile()
@@ -423,6 +425,34 @@ def token_layout_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepo
         summary += f"; {len(rw.blocked)} blocking op(s): " + "; ".join(rw.blocked[:3])
     ctx.report.layout_changes = {"before": before, "after": len(rw.relayouts), "bytes": moved}
     return gm, PassReport("token_layout", summary, rows)
+
+
+def _refuse_inexact_training(rw: _Rewriter) -> None:
+    """The SP gradient bookkeeping (partial sums all-reduced, 1/S after the one gather at the end)
+    is exact for a forward that shards once and gathers once at the end. Two graphs it does not
+    cover give wrong gradients, so they are refused in training (outputs stay exact: inference runs):
+    the tokens gathered in the middle while sharded blocks go on (a token-mixing op between blocks), and an
+    output that requires grad computed before the sharded region (its full gradient, on every rank,
+    would be summed S times)."""
+    gathers = [r for r in rw.relayouts if r.meta["osp_relayout"]["dst"] == "full"]
+    after = downstream(gathers, lambda u: False)
+    early = [o for o in rw.g.output_node().all_input_nodes
+             if o not in after and getattr(meta_value(o), "requires_grad", False)]
+    # a gather followed by another one; the pass's nodes carry no example value, what they gather does
+    middle = [g for g in gathers if getattr(meta_value(g.args[0]), "requires_grad", False)
+              and any(h is not g and h in downstream([g], lambda u: False) for h in gathers)]
+    if middle:
+        why = (f"the tokens are gathered in the middle of the graph (node '{middle[0].name}', for an op that needs "
+               f"every token) and the sharded blocks go on after it")
+    elif early:
+        why = f"the graph output '{early[0].name}' requires grad and is computed before the sharded region"
+    else:
+        return
+    raise OSPUnsupportedError(
+        f"sequence_parallel={rw.ctx.config.sequence_parallel!r} training: {why}, and SP gradients are exact only for a "
+        f"forward that shards once and gathers once at the end. Run it under torch.no_grad() (outputs stay exact), "
+        f"change the model (no token-mixing op between blocks; return only the final output), or train without "
+        f"sequence_parallel.")
 
 
 def _bytes(node: fx.Node) -> int:

@@ -101,6 +101,62 @@ def test_odd_grid_ssp_equals_single_process(tmp_path):
         assert res["out"] <= 1e-5 and res["grad"] <= 1e-5, res
 
 
+class _Variant(torch.nn.Module):
+    """The tiny reference model with a token-mixing op between blocks ("token_mean"), or returning its
+    time embedding beside the output ("aux_out"): shapes the SP gradient bookkeeping does not cover."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.dit, self.kind = build_model("tiny", num_layers=3, seed=7), kind
+
+    def forward(self, x, t, context):
+        from reference_model.model import rope_cos_sin, sinusoidal_embedding
+
+        m, cfg = self.dit, self.dit.config
+        x = m.patch_embedding(x)
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)
+        cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, device=x.device)
+        e = m.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(x.dtype))
+        e0, ctx = m.time_projection(e).unflatten(1, (6, cfg.dim)), m.text_embedding(context)
+        for i, block in enumerate(m.blocks):
+            x = block(x, e0, ctx, cos, sin)
+            if i == 0 and self.kind == "token_mean":
+                x = x + 0.5 * x.mean(dim=1, keepdim=True)
+        out = m.unpatchify(m.head(x, e), grid)
+        return (out, e) if self.kind == "aux_out" else out
+
+
+def _inexact_training_worker(rank, world):
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=(2, 16, 16), seed=8)
+    result = {}
+    for kind in ("token_mean", "aux_out"):
+        model = _Variant(kind)
+        torch._dynamo.reset()
+        single = convert(model, args, kwargs, OSPConfig(layout="all_sparse"))
+        torch._dynamo.reset()
+        sp = convert(model, args, kwargs, OSPConfig(layout="all_sparse", sequence_parallel="ssp"))
+        with torch.no_grad():  # inference stays exact
+            result[f"{kind} out"] = rel_err(_first(sp(*args, **kwargs)), _first(single(*args, **kwargs)))
+        try:
+            _first(sp(*args, **kwargs)).sum().backward()
+            result[f"{kind} training"] = "ran"
+        except Exception as exc:
+            result[f"{kind} training"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def test_sp_training_that_would_give_wrong_gradients_is_refused(tmp_path):
+    """A gather in the middle (then sharded again) scaled later gradients by 1/S; an output computed
+    before the sharded region had its gradient summed S times. Both are refused in training."""
+    for res in run_ranks(_inexact_training_worker, 2, tmp_path, timeout_s=180):
+        assert "error" not in res, res.get("trace")
+        assert res["token_mean out"] <= 1e-6 and res["aux_out out"] <= 1e-6, res
+        assert res["token_mean training"].startswith("OSPUnsupportedError") and "gathered in the middle of the graph" in \
+            res["token_mean training"], res
+        assert "computed before the sharded region" in res["aux_out training"], res
+
+
 def test_heads_must_divide_for_ulysses():
     model = build_model("tiny", num_layers=4, device="meta")  # 4 heads
     with pytest.raises(Exception, match="4 heads do not divide by world size 8"):
