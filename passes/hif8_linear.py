@@ -78,9 +78,11 @@ def _real_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def _fake_like(like: fx.Node, real: torch.Tensor):
-    """A fake tensor for a new node's meta, in the graph's fake mode (shape/dtype readers need one)."""
+    """A fake tensor for a new node's meta, in the graph's fake mode (shape/dtype readers need one).
+    Static shapes: a store buffer's size is fixed, and a symbolic one would reach every reader of
+    the node (the LoRA pass sizes its adapters from it)."""
     mode = getattr(meta_value(like), "fake_mode", None)
-    return mode.from_tensor(real) if mode is not None else real
+    return mode.from_tensor(real, static_shapes=True) if mode is not None else real
 
 
 def _declare_to_aot(gm: fx.GraphModule, store: torch.nn.Module) -> None:

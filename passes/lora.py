@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import osp_compile.ops  # noqa: F401  (defines the osp namespace this file adds to)
 from osp_compile.report import PassReport
-from .fx_utils import hint, linear_calls, meta_value, shape_of
+from .fx_utils import linear_calls, meta_value, shape_of
 
 if TYPE_CHECKING:
     from osp_compile.pipeline import PassContext
@@ -148,9 +148,8 @@ def _store(ctx: PassContext) -> LoRAAdapters:
 
 
 def _features(call: dict) -> tuple[int, int, bool]:
-    """(in_features, out_features, transposed) of a linear call's weight (concrete sizes: a HiF8
-    linear's codes, read with get_attr, carry symbolic ones in their example value)."""
-    rows, cols = (hint(n) for n in shape_of(call["weight"]))
+    """(in_features, out_features, transposed) of a linear call's weight."""
+    rows, cols = shape_of(call["weight"])
     if call["form"] in _TRANSPOSED_FORMS:
         return rows, cols, True
     return cols, rows, False
