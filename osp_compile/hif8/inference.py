@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import api
+from .fp8 import forget_e4m3_weight
 from .group import group_amax
 from .qat import W_SCALE_MAX, X_SCALE_MAX
 
@@ -222,8 +223,6 @@ def load_hif8_state_dict(obj: Any, state_dict: dict[str, torch.Tensor]) -> None:
             with torch.no_grad():
                 old_codes.copy_(codes)
                 old_scale.copy_(scale.reshape(()))
-            from .fp8 import forget_e4m3_weight  # here: importing fp8 imports Triton
-
             forget_e4m3_weight(old_codes)
         else:
             store.put(fqn, codes, scale)

@@ -59,10 +59,10 @@ def triton_available(device: torch.device | str = "cuda") -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA needs Triton and a GPU; CPU needs
     Triton's interpreter (slow: meant for tests)."""
     device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_unavailable_reason() is None
     if _import_triton()[0] is None:
         return False
-    if device.type == "cuda":
-        return torch.cuda.is_available()
     if device.type == "cpu":
         return _interpreter_cls() is not None or os.environ.get("TRITON_INTERPRET") == "1"
     return False
