@@ -11,11 +11,14 @@ tolerance.
 
 Tolerances, from measurement (CPU, one thread per rank, deterministic): the fixed model's errors
 are float32 summation noise -- SSP outputs bit-identical, Ulysses outputs 4.4e-8, gradients
-<= 1.2e-6 (per parameter, relative) -- so no element moved to a neighbouring HiF8 code here.  One
-such move cannot be absorbed by a tolerance: nudging a single large element by one code step
-measured up to 2e-3 on the output and 7e-2 on a gradient, as much as the bug itself.  So the
-tolerances sit about 100x above the noise (1e-5, 1e-4), and the per-rank errors (outputs 5.8e-3,
-gradients 0.12) are over 500x above them.
+<= 1.2e-6 (per parameter, relative) on the machine of the first sessions.  On an AMD EPYC (ninth
+session) one Ulysses gradient, ``blocks.1.self_attn.q.weight``, is off by 1.2e-4, with 3714 of its
+4096 elements moved a little: the QAT backward quantizes the output gradient per tensor, and a
+summation order of its own there moves elements near a code boundary to the neighbouring code.
+Nudging a single large element by one code step measured up to 2e-3 on the output and 7e-2 on a
+gradient, as much as the bug itself, so no tolerance absorbs every such move; the tolerances sit
+above the moves seen (1e-5 on outputs, 1e-3 on gradients), and the per-rank errors (outputs 5.8e-3,
+gradients 0.12) are over 100x above them.
 """
 import contextlib
 
@@ -36,7 +39,7 @@ WORLD = 2
 LATENT = (3, 12, 20)  # grid (3, 6, 10): SSP runs Ulysses, then the token and the group layout (padded for P = 2)
 BASE = dict(num_full_blocks=1)
 OUT_TOL = 1e-5
-GRAD_TOL = 1e-4
+GRAD_TOL = 1e-3
 PER_RANK_FACTOR = 10  # the per-rank errors must exceed the tolerance at least this many times
 
 
