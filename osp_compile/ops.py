@@ -60,6 +60,10 @@ _lib.define(
     "folded_attention_linear(Tensor q, Tensor k, Tensor v, SymInt T, SymInt H, SymInt W, int P, str pattern, "
     f"Tensor weight, Tensor? bias, {_ATTENTION_OPTIONS}) -> Tensor"
 )
+_lib.define(
+    "folded_attention_classes(Tensor q, Tensor k, Tensor v, SymInt T, SymInt H, SymInt W, int P, str pattern, "
+    f"{_ATTENTION_OPTIONS}) -> Tensor[]"
+)
 
 
 def _length_classes(q, k, v, T, H, W, P, pattern, rank, world):
@@ -109,6 +113,21 @@ def _folded_attention_linear(q, k, v, T, H, W, P, pattern, weight, bias, rank=0,
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
+@torch.library.impl(_lib, "folded_attention_classes", "CompositeImplicitAutograd")
+def _folded_attention_classes(q, k, v, T, H, W, P, pattern, rank=0, world=1, dropout_p=0.0, scale=None,
+                              enable_gqa=False):
+    """Each length class's attention output with its heads merged, [B, tokens of the class,
+    heads * D], in token order: ``folded_attention(...).transpose(-3, -2).flatten(-2)`` split at the
+    class boundaries, without the concatenation.
+
+    Why: for a projection that cannot be applied per class inside one op (a HiF8 linear scales its
+    whole activation by one ``max|x|``), the graph itself projects each class
+    (``passes/attention_projection.py``), with one max taken over all of them."""
+    return [_class_rows(F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa),
+                        q.shape[0]).transpose(-3, -2).flatten(-2)
+            for qkv in _length_classes(q, k, v, T, H, W, P, pattern, rank, world)]
+
+
 _lib.define("linear_gelu(Tensor x, Tensor weight, Tensor? bias, str approximate='none') -> Tensor")
 
 
@@ -141,5 +160,6 @@ def _rms_norm_rope(x, weight, eps, cos, sin, heads):
 skiparse_relayout = torch.ops.osp.skiparse_relayout.default
 folded_attention = torch.ops.osp.folded_attention.default
 folded_attention_linear = torch.ops.osp.folded_attention_linear.default
+folded_attention_classes = torch.ops.osp.folded_attention_classes.default
 linear_gelu = torch.ops.osp.linear_gelu.default
 rms_norm_rope = torch.ops.osp.rms_norm_rope.default

@@ -3,25 +3,39 @@
 A packed Skiparse site (``osp::folded_attention``) runs one dense attention per length class of its
 subsequences (at 720P: 23- and 22-row subsequences) and concatenates the classes' outputs, so that
 the model's own head merge and output projection see one tensor. That concatenation copies the
-whole attention output once per sparse site. When the site's output reaches a plain ``F.linear``
-through nothing but the head merge (``transpose(1, 2)`` then a reshape to ``[B, S, heads * D]``),
-the pass replaces the three by ``osp::folded_attention_linear``, which merges heads and projects
-each class separately and joins the projected classes instead; Inductor folds that join into the
-elementwise op that reads it (the gated residual add), so no copy remains. Same arithmetic: each
-output row is the same dot products.
+whole attention output once per sparse site. When the site's output reaches a linear through
+nothing but the head merge (``transpose(1, 2)`` then a reshape to ``[B, S, heads * D]``), the pass
+projects each class separately and joins the projected classes instead; Inductor folds that join
+into the elementwise op that reads it (the gated residual add), so no copy remains. Same
+arithmetic: each output row is the same dot products.
 
-Left alone (the report says why): a projection that is not a plain linear (HiF8 quantizes the whole
-activation with one per-tensor scale, LoRA reads the merged heads too), or any other reader between
-the attention and the projection.
+* A plain ``F.linear``: the three nodes become ``osp::folded_attention_linear``, which merges heads
+  and projects per class inside the op.
+* A HiF8 inference linear (``osp::hif8_linear``), which scales its whole activation by one
+  ``max|x|``: the graph gets the classes' outputs (``osp::folded_attention_classes``), their max
+  (each class's, then the larger), and one HiF8 linear per class given that max, so every class
+  is quantized with the scale the whole activation had - the same bits. The per-class linears
+  stay ``osp::hif8_linear`` nodes, so lowering gives them the target's kernel as any other.
+  A site with one length class has no concatenation to save and is left alone.
+
+Left alone (the report says why): any other projection (the QAT linear quantizes the whole
+activation and its gradient, LoRA reads the merged heads too), or any other reader between the
+attention and the projection.
 """
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 
-from osp_compile.ops import folded_attention, folded_attention_linear
+from osp_compile.ops import folded_attention, folded_attention_classes, folded_attention_linear
 from osp_compile.report import PassReport
 from .analysis import _RESHAPES, _kind_of
-from .fx_utils import call_args, linear_calls, shape_of
+from .fx_utils import call_args, linear_calls, meta_value, shape_of
+from .hif8_absmax import absmax_nodes
+
+_PROJECTIONS = ("linear", "hif8_linear")
 
 _TRANSPOSES = {"transpose", "swapaxes", "swapdims"}
 
@@ -66,9 +80,56 @@ def _head_merge_reader(attention: fx.Node, calls: dict[fx.Node, dict]) -> tuple[
     call = calls.get(linear)
     if call is None or call["input"] is not merged:
         return None, "the merged heads are not read by one linear alone"
-    if call["form"] != "linear":
+    if call["form"] not in _PROJECTIONS:
         return None, f"the output projection is {call['form']} (it needs the whole activation at once)"
     return linear, ""
+
+
+def _project_linear(g: fx.Graph, attention: fx.Node, linear: fx.Node) -> tuple[fx.Node, str]:
+    """``osp::folded_attention_linear`` in place of the site and its plain linear projection."""
+    a = call_args(linear, ["input", "weight", "bias"], {"bias": None})
+    with g.inserting_before(linear):  # the same arguments, with the projection's after the first eight
+        fused = g.call_function(folded_attention_linear,
+                                (*attention.args[:8], a["weight"], a["bias"], *attention.args[8:]), dict(attention.kwargs))
+    fused.meta.update(linear.meta)
+    return fused, "projected per length class"
+
+
+def _example(target, args, kwargs):
+    """``target`` called on its arguments' example values (fake tensors): the node's example value."""
+    return target(*fx.node.map_arg(args, meta_value), **fx.node.map_arg(kwargs, meta_value))
+
+
+def _call(g: fx.Graph, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """A call node with its example value (for the passes after this one)."""
+    node = g.call_function(target, args, kwargs or {})
+    node.meta["example_value"] = _example(target, args, kwargs or {})
+    return node
+
+
+def _project_hif8(g: fx.Graph, attention: fx.Node, linear: fx.Node) -> tuple[fx.Node | None, str]:
+    """The classes' outputs, their joint max, a HiF8 linear per class given it, and the join; or
+    (None, why not). The max is graph ops on the attention outputs (cuDNN's output fuses nothing, so
+    they run alone, as the one max of the concatenation would inside the op)."""
+    if linear.kwargs.get("amax") is not None or len(linear.args) > 5:
+        return None, "kept: the HiF8 projection already has its activation's max"
+    if not all(isinstance(n, int) for n in attention.args[3:6]):
+        return None, "kept: the grid is symbolic here, so the number of length classes is not known"
+    count = len(_example(folded_attention_classes, attention.args, attention.kwargs))
+    if count == 1:
+        return None, "kept: one length class (no concatenation to save)"
+    with g.inserting_before(linear):
+        classes = _call(g, folded_attention_classes, attention.args, dict(attention.kwargs))
+        parts = [_call(g, operator.getitem, (classes, i)) for i in range(count)]
+        amax = absmax_nodes(g, parts[0])
+        for part in parts[1:]:
+            amax = _call(g, torch.maximum, (amax, absmax_nodes(g, part)))
+        outs = [_call(g, linear.target, (part, *linear.args[1:]), {**linear.kwargs, "amax": amax}) for part in parts]
+        for out in outs:  # the HiF8 pass's marks (fast accumulation) for lowering
+            out.meta.update({k: v for k, v in linear.meta.items() if k != "example_value"})
+        joined = g.call_function(torch.cat, (outs,), {"dim": -2})
+    joined.meta.update(linear.meta)
+    return joined, f"projected per length class ({count} HiF8 linears, one max over the classes)"
 
 
 def attention_projection_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
@@ -82,18 +143,19 @@ def attention_projection_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, 
         if linear is None:
             rows.append({"site": node.name, "projection": "-", "decision": f"kept: {why}"})
             continue
-        a = call_args(linear, ["input", "weight", "bias"], {"bias": None})
-        with g.inserting_before(linear):  # the same arguments, with the projection's after the first eight
-            fused = g.call_function(folded_attention_linear,
-                                    (*node.args[:8], a["weight"], a["bias"], *node.args[8:]), dict(node.kwargs))
-        fused.meta.update(linear.meta)
+        project = _project_linear if calls[linear]["form"] == "linear" else _project_hif8
+        fused, decision = project(g, node, linear)
+        weight = calls[linear]["weight"].name
+        if fused is None:
+            rows.append({"site": node.name, "projection": weight, "decision": decision})
+            continue
         linear.replace_all_uses_with(fused)
         chain = [linear]
         while chain[-1] is not node:
             chain.append(chain[-1].args[0])
         for dead in chain:
             g.erase_node(dead)
-        rows.append({"site": fused.name, "projection": a["weight"].name, "decision": "projected per length class"})
+        rows.append({"site": fused.name, "projection": weight, "decision": decision})
     gm.recompile()
     fused_count = sum(r["decision"].startswith("projected") for r in rows)
     return gm, PassReport("attention_projection",

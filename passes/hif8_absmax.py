@@ -35,6 +35,18 @@ def _attention_behind(x: fx.Node) -> fx.Node | None:
     return node if is_sdpa(node) else None
 
 
+def absmax_nodes(g: fx.Graph, x: fx.Node) -> fx.Node:
+    """``max|x|`` as graph ops at the graph's insertion point: each row's max, then their max (a row
+    reduction a fusing compiler folds into the kernel writing ``x``); the 0-dim node of the max."""
+    magnitude = g.call_function(torch.abs, (x,))
+    row_max = g.call_function(torch.amax, (magnitude,), {"dim": -1})
+    amax = g.call_function(torch.amax, (row_max,))
+    magnitude.meta["example_value"] = torch.abs(meta_value(x))
+    row_max.meta["example_value"] = torch.amax(magnitude.meta["example_value"], dim=-1)
+    amax.meta["example_value"] = torch.amax(row_max.meta["example_value"])
+    return amax
+
+
 def hif8_absmax_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
     g = gm.graph
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -54,12 +66,7 @@ def hif8_absmax_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
             rows.append({**row, "max": "the op's own: the activation is empty"})
             continue
         with g.inserting_before(min(linears, key=order.__getitem__)):
-            magnitude = g.call_function(torch.abs, (x,))
-            row_max = g.call_function(torch.amax, (magnitude,), {"dim": -1})
-            amax = g.call_function(torch.amax, (row_max,))
-        magnitude.meta["example_value"] = torch.abs(meta_value(x))
-        row_max.meta["example_value"] = torch.amax(magnitude.meta["example_value"], dim=-1)
-        amax.meta["example_value"] = torch.amax(row_max.meta["example_value"])
+            amax = absmax_nodes(g, x)
         for node in linears:
             node.kwargs = {**node.kwargs, "amax": amax}
         rows.append({**row, "max": "in the graph"})

@@ -6,7 +6,10 @@ a GELU prologue against a float64 GELU (interpreted on CPU, compiled on CUDA), t
 sequence-parallel scale, and the kernels lowering picks per target.
 
 The activation's absmax as graph ops (``passes/hif8_absmax.py``): one max per activation, the
-same outputs, and every kernel taking the given max (``amax``) as the whole tensor's."""
+same outputs, and every kernel taking the given max (``amax``) as the whole tensor's.
+
+A packed sparse site's HiF8 output projection applied per length class with one max over the
+classes (``passes/attention_projection.py``): the same bits as the projection of the concatenation."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,7 @@ from reference_model import PRESETS, build_model, make_inputs
 from osp_compile.hif8 import triton_gemm
 from test_hif8_infer import _linear_case, install_fake_torch_npu
 from test_hif8_ssp import PEER_AMAX, _with_peer, peer  # noqa: F401  (peer: the emulated SP group fixture)
-from test_linear_fusions import _rows
+from test_linear_fusions import LATENT as TWO_CLASS_LATENT, _rows
 from markers import as_if_triton_on_cuda, needs_cuda, needs_interp
 
 
@@ -276,3 +279,38 @@ def test_absmax_pass_leaves_an_empty_activation_to_the_op():
     gm, report = hif8_absmax_pass(gm, None)
     assert [r["max"] for r in report.rows] == ["the op's own: the activation is empty"]
     assert gm(empty, codes, b, scale).shape == (0, codes.shape[0])
+
+
+# ------------------------------------------------------------------- the output projection per length class
+
+def test_hif8_projection_per_class_equals_the_concatenation_with_gradients():
+    """Grid (3, 7, 10): every sparse site has two or more length classes. Each class is quantized
+    with the max of all of them (one node, handed to every class's linear), so outputs and input
+    gradients are those of the unfused conversion bit for bit; a scale per class would differ."""
+    model = build_model("tiny", num_layers=4, seed=1)
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=TWO_CLASS_LATENT, seed=2)
+    outs = {}
+    for fuse in (False, True):
+        x = args[0].clone().requires_grad_(True)
+        converted = convert(model, (x, *args[1:]), kwargs,
+                            OSPConfig(num_full_blocks=2, quant="hif8-infer", fuse_linears=fuse))
+        if fuse:
+            rows = _rows(converted.osp_report, "attention_projection")
+            assert [r["decision"].split(" (")[0] for r in rows] == ["projected per length class"] * 2
+            graph = converted.osp_report.graphs[0].module.graph
+            classes = graph.find_nodes(op="call_function", target=torch.ops.osp.folded_attention_classes.default)
+            assert len(classes) == 2
+            for node in classes:
+                linears = [u for part in node.users for u in part.users if u.target is torch.ops.osp.hif8_linear.default]
+                assert len(linears) == len(node.users) >= 2
+                assert len({u.kwargs["amax"] for u in linears}) == 1
+        outs[fuse] = output_and_input_grad(converted, (x, *args[1:]), kwargs)
+    assert torch.equal(outs[True][0], outs[False][0])
+    assert torch.equal(outs[True][1], outs[False][1]) and outs[True][1].abs().sum() > 0
+
+
+def test_hif8_projection_left_alone_where_a_site_has_one_class():
+    """Grid (2, 4, 8): one length class per site, so there is no concatenation to save."""
+    _, converted, _, _ = _convert(True)
+    rows = _rows(converted.osp_report, "attention_projection")
+    assert [r["decision"] for r in rows] == ["kept: one length class (no concatenation to save)"] * 2

@@ -64,7 +64,7 @@ def test_fused_conversion_matches_unfused_and_oracle_with_gradients():
 
 
 @pytest.mark.parametrize("config,why", [
-    (OSPConfig(num_full_blocks=2, quant="hif8-infer"), "the output projection is hif8_linear"),
+    (OSPConfig(num_full_blocks=2, quant="hif8"), "the output projection is hif8_qat_linear"),
     (OSPConfig(num_full_blocks=2, lora_rank=2), "not read by one linear alone"),
 ])
 def test_projection_kept_where_the_linear_needs_the_whole_activation(config, why):

@@ -21,6 +21,7 @@ COMPOSITES = {
     "skiparse_attention": "osp_compile.ops:_skiparse_attention",
     "folded_attention": "osp_compile.ops:_folded_attention",
     "folded_attention_linear": "osp_compile.ops:_folded_attention_linear",
+    "folded_attention_classes": "osp_compile.ops:_folded_attention_classes",
     "linear_gelu": "osp_compile.ops:_linear_gelu",
     "rms_norm_rope": "osp_compile.ops:_rms_norm_rope",
     "gelu_hif8_linear": "osp_compile.hif8.inference:_gelu_hif8_linear",
