@@ -32,7 +32,7 @@ import torch.fx as fx
 from osp_compile.ops import folded_attention, folded_attention_classes, folded_attention_linear
 from osp_compile.report import PassReport
 from .analysis import _RESHAPES, _kind_of
-from .fx_utils import call_args, linear_calls, meta_value, shape_of
+from .fx_utils import call_args, call_with_example, example_of, linear_calls, shape_of
 from .hif8_absmax import absmax_nodes
 
 _PROJECTIONS = ("linear", "hif8_linear")
@@ -95,36 +95,32 @@ def _project_linear(g: fx.Graph, attention: fx.Node, linear: fx.Node) -> tuple[f
     return fused, "projected per length class"
 
 
-def _example(target, args, kwargs):
-    """``target`` called on its arguments' example values (fake tensors): the node's example value."""
-    return target(*fx.node.map_arg(args, meta_value), **fx.node.map_arg(kwargs, meta_value))
-
-
-def _call(g: fx.Graph, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
-    """A call node with its example value (for the passes after this one)."""
-    node = g.call_function(target, args, kwargs or {})
-    node.meta["example_value"] = _example(target, args, kwargs or {})
-    return node
-
-
 def _project_hif8(g: fx.Graph, attention: fx.Node, linear: fx.Node) -> tuple[fx.Node | None, str]:
     """The classes' outputs, their joint max, a HiF8 linear per class given it, and the join; or
-    (None, why not). The max is graph ops on the attention outputs (cuDNN's output fuses nothing, so
-    they run alone, as the one max of the concatenation would inside the op)."""
-    if linear.kwargs.get("amax") is not None or len(linear.args) > 5:
+    (None, why not). The max is graph ops on the attention outputs: they run alone (nothing fuses
+    into cuDNN's output), where the concatenation's max was folded into the kernel that wrote it.
+
+    Left alone under sequence parallelism: each HiF8 linear all-reduces its scale over the group,
+    so a rank would run one collective per class, and ranks can hold different numbers of classes
+    (P = 4 on 2 ranks with H = 15: rows of 4, 4 | 4, 3): their collectives would not pair up."""
+    a = call_args(linear, ["input", "weight", "bias", "scale", "group", "amax"], {"group": "", "amax": None})
+    if a["amax"] is not None:
         return None, "kept: the HiF8 projection already has its activation's max"
+    if a["group"]:
+        return None, "kept: sequence parallel (one scale all-reduce per class; ranks may differ in classes)"
     if not all(isinstance(n, int) for n in attention.args[3:6]):
         return None, "kept: the grid is symbolic here, so the number of length classes is not known"
-    count = len(_example(folded_attention_classes, attention.args, attention.kwargs))
+    count = len(example_of(folded_attention_classes, attention.args, attention.kwargs))
     if count == 1:
         return None, "kept: one length class (no concatenation to save)"
     with g.inserting_before(linear):
-        classes = _call(g, folded_attention_classes, attention.args, dict(attention.kwargs))
-        parts = [_call(g, operator.getitem, (classes, i)) for i in range(count)]
+        classes = call_with_example(g, folded_attention_classes, attention.args, dict(attention.kwargs))
+        parts = [call_with_example(g, operator.getitem, (classes, i)) for i in range(count)]
         amax = absmax_nodes(g, parts[0])
         for part in parts[1:]:
-            amax = _call(g, torch.maximum, (amax, absmax_nodes(g, part)))
-        outs = [_call(g, linear.target, (part, *linear.args[1:]), {**linear.kwargs, "amax": amax}) for part in parts]
+            amax = call_with_example(g, torch.maximum, (amax, absmax_nodes(g, part)))
+        outs = [call_with_example(g, linear.target, (part, *linear.args[1:]), {**linear.kwargs, "amax": amax})
+                for part in parts]
         for out in outs:  # the HiF8 pass's marks (fast accumulation) for lowering
             out.meta.update({k: v for k, v in linear.meta.items() if k != "example_value"})
         joined = g.call_function(torch.cat, (outs,), {"dim": -2})

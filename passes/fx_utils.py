@@ -19,6 +19,19 @@ def meta_value(node: Any) -> Any:
     return node.meta.get("val")
 
 
+def example_of(target: Any, args: tuple, kwargs: dict | None = None) -> Any:
+    """What a call of ``target`` on these arguments gives, computed on their example values (fake tensors)."""
+    return target(*fx.node.map_arg(args, meta_value), **fx.node.map_arg(kwargs or {}, meta_value))
+
+
+def call_with_example(g: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """A call node at the graph's insertion point, with its example value (`example_of`), for the
+    passes after the one that adds it."""
+    node = g.call_function(target, args, kwargs or {})
+    node.meta["example_value"] = example_of(target, args, kwargs)
+    return node
+
+
 def shape_of(node: Any) -> tuple | None:
     v = meta_value(node)
     if isinstance(v, torch.Tensor):

@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from osp_compile.report import PassReport
 from .analysis import _PERMUTES, _RESHAPES
-from .fx_utils import call_kind, is_sdpa, meta_value
+from .fx_utils import call_kind, call_with_example, is_sdpa, meta_value
 
 
 def _attention_behind(x: fx.Node) -> fx.Node | None:
@@ -38,13 +38,9 @@ def _attention_behind(x: fx.Node) -> fx.Node | None:
 def absmax_nodes(g: fx.Graph, x: fx.Node) -> fx.Node:
     """``max|x|`` as graph ops at the graph's insertion point: each row's max, then their max (a row
     reduction a fusing compiler folds into the kernel writing ``x``); the 0-dim node of the max."""
-    magnitude = g.call_function(torch.abs, (x,))
-    row_max = g.call_function(torch.amax, (magnitude,), {"dim": -1})
-    amax = g.call_function(torch.amax, (row_max,))
-    magnitude.meta["example_value"] = torch.abs(meta_value(x))
-    row_max.meta["example_value"] = torch.amax(magnitude.meta["example_value"], dim=-1)
-    amax.meta["example_value"] = torch.amax(row_max.meta["example_value"])
-    return amax
+    magnitude = call_with_example(g, torch.abs, (x,))
+    row_max = call_with_example(g, torch.amax, (magnitude,), {"dim": -1})
+    return call_with_example(g, torch.amax, (row_max,))
 
 
 def hif8_absmax_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:

@@ -106,6 +106,8 @@ def _worker(rank, world):
     ref = _run(model, args, kwargs, OSPConfig(quant="hif8-infer", **BASE))
     infer = _run(model, args, kwargs, OSPConfig(quant="hif8-infer", sequence_parallel="ssp", **BASE))
     results["infer"] = _errors(infer, ref)
+    results["infer projections"] = [r["decision"] for g in infer[2].osp_report.graphs for p in g.passes
+                                     if p.name == "attention_projection" for r in p.rows]
     release_float_weights(infer[2])  # last: the model's linears become HiF8Linear modules
     results["infer released"] = _errors(_run(model, args, kwargs, None, converted=infer[2]), ref)
     return results
@@ -132,9 +134,11 @@ def test_infer_sequence_parallel_equals_single_process(results):
     """Forward only: the straight-through backward of ``osp::hif8_linear`` has no scale. Its
     activation quantization is the QAT forward's, whose per-rank error the QAT test shows.  After
     `release_float_weights` the model calls ``osp::hif8_linear`` itself; the pass gives those
-    calls the group as well."""
+    calls the group as well. The sparse sites' HiF8 output projections stay whole under SP (one
+    scale all-reduce per site: a rank's number of length classes can differ from another's)."""
     for rank, res in enumerate(results):
         assert res["infer"]["out"] <= OUT_TOL, (rank, res["infer"])
+        assert res["infer projections"] and all(d.startswith("kept: sequence parallel") for d in res["infer projections"])
         assert res["infer released"]["out"] <= OUT_TOL, (rank, res["infer released"])
 
 
