@@ -73,18 +73,27 @@ def osp_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | N
     return _SESSIONS[key][1](gm, example_inputs)
 
 
+def _session(options: dict | None) -> OSPBackend:
+    """The session compiled with `options`: that dict itself, else the latest one compiled with equal
+    options. Dynamo tells backends apart by their options' contents, so a second ``torch.compile``
+    of a model with equal options reuses the first one's graphs, and no session of its own is made."""
+    entry = _SESSIONS.get(id(options))
+    if entry is not None and entry[0] is options:
+        return entry[1]
+    equal = [backend for compiled_with, backend in _SESSIONS.values() if compiled_with == options]
+    if not equal:
+        raise KeyError("no osp backend session was compiled with these options (has the model run yet?)")
+    return equal[-1]
+
+
 def report_for(options: dict | None = None) -> OSPReport:
     """The report of the ``torch.compile(..., backend="osp", options=options)`` session."""
-    entry = _SESSIONS.get(id(options))
-    if entry is None or entry[0] is not options:
-        raise KeyError("no osp backend session was compiled with this options dict (has the model run yet?)")
-    return entry[1].report
+    return _session(options).report
 
 
 def state_for(options: dict | None = None) -> dict:
     """Session objects (e.g. LoRA adapters) of the ``backend="osp"`` session compiled with `options`."""
-    report_for(options)  # same lookup, same error
-    return _SESSIONS[id(options)][1].state
+    return _session(options).state
 
 
 def reset() -> None:

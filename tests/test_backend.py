@@ -109,3 +109,20 @@ def test_backend_without_site_total_refuses_split_sites():
     options = {"num_full_blocks": 2, "inner": "eager"}
     with pytest.raises(Exception, match="graph breaks between attention sites"):
         torch.compile(model, backend="osp", options=options)(torch.randn(1, 3, 2, 12, 12))
+
+
+def test_report_of_a_compile_whose_graphs_dynamo_reused():
+    """Dynamo tells backends apart by their options' contents: a second torch.compile of the model
+    with equal options runs the first one's graphs, so its report is the first session's; options
+    nothing was compiled with are refused."""
+    from osp_compile.backend import osp_backend
+
+    model, args, kwargs = _model_and_inputs(layers=2)
+    torch._dynamo.reset()
+    first, second = ({"num_full_blocks": 0, "inner": "eager"} for _ in range(2))
+    with torch.no_grad():
+        for options in (first, second):
+            torch.compile(model, backend=osp_backend, options=options, dynamic=False)(*args, **kwargs)
+    assert report_for(second) is report_for(first) and report_for(first).layout == ["token", "group"]
+    with pytest.raises(KeyError, match="no osp backend session was compiled with these options"):
+        report_for({"num_full_blocks": 1, "inner": "eager"})
