@@ -84,6 +84,11 @@ def _class_rows(out, batch):
     return out.unflatten(0, (batch, -1)).movedim(1, -3).flatten(-3, -2)
 
 
+def _class_rows_merged(out, batch):
+    """`_class_rows` with the heads merged, [B, count*n, h*D]: what an output projection reads."""
+    return _class_rows(out, batch).transpose(-3, -2).flatten(-2)
+
+
 @torch.library.impl(_lib, "folded_attention", "CompositeImplicitAutograd")
 def _folded_attention(q, k, v, T, H, W, P, pattern, rank=0, world=1, dropout_p=0.0, scale=None, enable_gqa=False):
     """Dense attention inside each subsequence of packed q, k, v ([B, heads, tokens, D], the real
@@ -109,7 +114,7 @@ def _folded_attention_linear(q, k, v, T, H, W, P, pattern, weight, bias, rank=0,
     outs = []
     for qkv in _length_classes(q, k, v, T, H, W, P, pattern, rank, world):
         o = F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
-        outs.append(F.linear(_class_rows(o, q.shape[0]).transpose(-3, -2).flatten(-2), weight, bias))
+        outs.append(F.linear(_class_rows_merged(o, q.shape[0]), weight, bias))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
@@ -123,8 +128,8 @@ def _folded_attention_classes(q, k, v, T, H, W, P, pattern, rank=0, world=1, dro
     Why: for a projection that cannot be applied per class inside one op (a HiF8 linear scales its
     whole activation by one ``max|x|``), the graph itself projects each class
     (``passes/attention_projection.py``), with one max taken over all of them."""
-    return [_class_rows(F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa),
-                        q.shape[0]).transpose(-3, -2).flatten(-2)
+    return [_class_rows_merged(F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, scale=scale,
+                                                              enable_gqa=enable_gqa), q.shape[0])
             for qkv in _length_classes(q, k, v, T, H, W, P, pattern, rank, world)]
 
 

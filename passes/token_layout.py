@@ -438,9 +438,10 @@ def _refuse_inexact_training(rw: _Rewriter) -> None:
     after = downstream(gathers, lambda u: False)
     early = [o for o in rw.g.output_node().all_input_nodes
              if o not in after and getattr(meta_value(o), "requires_grad", False)]
-    # a gather followed by another one; the pass's nodes carry no example value, what they gather does
+    # a gather followed by another one (downstream includes g itself); the pass's nodes carry no
+    # example value, what they gather does
     middle = [g for g in gathers if getattr(meta_value(g.args[0]), "requires_grad", False)
-              and any(h is not g and h in downstream([g], lambda u: False) for h in gathers)]
+              and len(downstream([g], lambda u: False).intersection(gathers)) > 1]
     if middle:
         why = (f"the tokens are gathered in the middle of the graph (node '{middle[0].name}', for an op that needs "
                f"every token) and the sharded blocks go on after it")

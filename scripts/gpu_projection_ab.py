@@ -22,6 +22,7 @@ import torch
 import passes.attention_projection as attention_projection
 from osp_compile import bench
 from osp_compile.backend import osp_backend, report_for
+from osp_compile.report import format_table
 from reference_model import PRESETS, latent_shape, make_inputs
 
 VARIANTS = {  # name -> (HiF8 osp options?, patch active while it compiles)
@@ -73,15 +74,15 @@ def main() -> None:
     result = {"preset": a.preset, "resolution": a.resolution, "frames": a.frames, "layers": a.layers,
               "full_blocks": full, "rounds": a.rounds, "iters": a.iters, "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "rows": []}
-    print(f"{a.preset} {a.resolution} {a.frames} frames, {a.layers} blocks ({full} full), {result['device']}, "
-          f"{a.rounds} interleaved rounds x {a.iters}")
-    print(f"{'variant':38} {'sites projected':>15} {'median ms':>10} {'x per round: median (min-max)':>32}")
     for name, (row, _) in live.items():
         ratios = [b / t for b, t in zip(base, row.round_medians_ms)]
-        cell = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
-        print(f"{name:38} {projected.get(name, '-'):>15} {statistics.median(row.round_medians_ms):>10.1f} {cell:>32}")
         result["rows"].append({"variant": name, "sites_projected": projected.get(name), "round_medians_ms": row.round_medians_ms,
                                "round_speedups": [round(r, 4) for r in ratios], "note": row.note})
+    print(f"{a.preset} {a.resolution} {a.frames} frames, {a.layers} blocks ({full} full), {result['device']}, "
+          f"{a.rounds} interleaved rounds x {a.iters}")
+    print(format_table([{"variant": r["variant"], "sites projected": "-" if r["sites_projected"] is None else r["sites_projected"],
+                         "median ms": round(statistics.median(r["round_medians_ms"]), 1), **bench._rounds_cell(result, r)}
+                        for r in result["rows"]]))
     if a.json:
         bench.dump(result, a.json)
 
