@@ -5,7 +5,8 @@ import torch
 
 from osp_compile.hif8 import triton_kernels
 
-needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"), reason="no Triton interpreter")
+needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"),
+                                  reason=f"Triton's interpreter cannot run here: {triton_kernels.interpreter_unavailable_reason()}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 

@@ -237,6 +237,7 @@ def test_every_kernel_takes_the_given_amax_as_the_whole_tensors(peer, monkeypatc
         assert rel_err(linear(x, codes, b, scale, peer, own), want) <= 1e-6, name
 
 
+@needs_interp
 def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
     """The CUDA kernel's FP8 path, run on this CPU (``torch._scaled_mm`` has a CPU kernel here):
     q, k and v get the same in-graph max and share one quantization of their input, so a step

@@ -18,9 +18,7 @@ from osp_compile.hif8 import codec, triton_kernels
 
 pytest.importorskip("triton")
 
-CPU_TRITON = triton_kernels.triton_available("cpu")
-needs_interp = pytest.mark.skipif(not CPU_TRITON, reason="Triton's interpreter is not available")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+from markers import needs_cuda, needs_interp  # noqa: E402
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [float("nan"), float("inf"), -float("inf"), -0.0, 40960.0, -40959.996, 32768.0,
             2.0 ** -23, -(2.0 ** -23), 1.5 * 2.0 ** -22, 1e-40, 1e30, 17.0, -1.5]
@@ -154,6 +152,28 @@ def test_dispatch_errors_and_no_triton(monkeypatch):
     assert hif8.quantize(x).tolist() == [1.0] * 4  # auto falls back to torch
     with pytest.raises(RuntimeError, match="Triton"):
         hif8.encode(x, backend="triton")
+
+
+
+@needs_interp
+def test_an_interpreter_that_fails_the_probe_is_not_used(monkeypatch):
+    """A Triton whose interpreter cannot run a kernel's loop (Triton 3.6 under NumPy 2) counts as
+    no CPU Triton, with the reason, rather than failing inside a conversion."""
+    class Broken:
+        def __getitem__(self, grid):
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(triton_kernels, "_loop_probe", lambda interpret: Broken())
+    triton_kernels._probe_failure.cache_clear()
+    try:
+        assert not hif8.triton_available("cpu")
+        assert "only 0-dimensional arrays" in triton_kernels.interpreter_unavailable_reason()
+        with pytest.raises(RuntimeError, match="Triton cannot run on cpu"):
+            hif8.encode(torch.ones(4), backend="triton")
+    finally:
+        monkeypatch.undo()
+        triton_kernels._probe_failure.cache_clear()
+    assert hif8.triton_available("cpu")  # the real interpreter, probed again
 
 
 def test_import_does_not_import_triton():

@@ -27,6 +27,7 @@ from . import codec
 __all__ = ["triton_available", "encode_triton", "decode_triton", "quantize_triton", "jit_wrapper"]
 
 BLOCK = 1024
+PROBE_BLOCK = 16
 
 
 def _import_triton():
@@ -55,16 +56,44 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def interpreter_unavailable_reason() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels here (None: it can): Triton missing, no
+    interpreter to import, or an interpreter that fails `_probe_failure`'s kernel."""
+    triton = _import_triton()[0]
+    if triton is None:
+        return "Triton is not installed"
+    if _interpreter_cls() is None and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton {triton.__version__} has no interpreter to import (set TRITON_INTERPRET=1 before importing it)"
+    return _probe_failure()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_failure() -> str | None:
+    """Runs, once, a kernel that loops up to a kernel argument as the GEMM and norm kernels do:
+    some pairings of Triton and NumPy cannot (Triton 3.6's interpreter under NumPy 2 fails
+    ``range(0, n, BLOCK)`` with "only 0-dimensional arrays can be converted to Python scalars"), and
+    a kernel that cannot run is better reported here than failing inside a conversion."""
+    triton = _import_triton()[0]
+    x = torch.arange(2 * PROBE_BLOCK, dtype=torch.float32)
+    out = torch.empty(PROBE_BLOCK, dtype=torch.float32)
+    try:
+        _loop_probe(True)[(1,)](x, out, x.numel(), BLOCK=PROBE_BLOCK)
+    except Exception as exc:  # whatever the interpreter raises
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop bounded by a kernel argument "
+                f"here ({type(exc).__name__}: {str(exc)[:200]})")
+    if not torch.equal(out, x[:PROBE_BLOCK] + x[PROBE_BLOCK:]):
+        return f"Triton {triton.__version__}'s interpreter computed a wrong sum in its probe kernel"
+    return None
+
+
 def triton_available(device: torch.device | str = "cuda") -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA needs Triton and a GPU; CPU needs
-    Triton's interpreter (slow: meant for tests)."""
+    Triton's interpreter (slow: meant for tests) in working order (`interpreter_unavailable_reason`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return cuda_unavailable_reason() is None
-    if _import_triton()[0] is None:
-        return False
     if device.type == "cpu":
-        return _interpreter_cls() is not None or os.environ.get("TRITON_INTERPRET") == "1"
+        return interpreter_unavailable_reason() is None
     return False
 
 
@@ -151,6 +180,14 @@ def _round_kernel(x_ptr, out_ptr, scale_ptr, n,
         tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=inb)
 
 
+def _loop_probe_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.full((BLOCK,), 0.0, tl.float32)  # tl.zeros is a @jit function the interpreter cannot enter
+    for start in range(0, n, BLOCK):
+        acc += tl.load(x_ptr + start + offs)
+    tl.store(out_ptr + offs, acc)
+
+
 def _decode_kernel(codes_ptr, table_ptr, out_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -183,6 +220,13 @@ def _kernels(interpret: bool):
     global tl
     _, tl, wrap = jit_wrapper(interpret)  # the kernel bodies read `tl` as a module global
     return wrap(_round_kernel), wrap(_decode_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _loop_probe(interpret: bool):
+    global tl
+    _, tl, wrap = jit_wrapper(interpret)
+    return wrap(_loop_probe_kernel)
 
 
 def _kernels_for(t: torch.Tensor):
