@@ -168,7 +168,7 @@ def test_an_interpreter_that_fails_the_probe_is_not_used(monkeypatch):
     try:
         assert not hif8.triton_available("cpu")
         assert "only 0-dimensional arrays" in triton_kernels.interpreter_unavailable_reason()
-        with pytest.raises(RuntimeError, match="Triton cannot run on cpu"):
+        with pytest.raises(RuntimeError, match="Triton cannot run on cpu here .*only 0-dimensional arrays"):
             hif8.encode(torch.ones(4), backend="triton")
     finally:
         monkeypatch.undo()
