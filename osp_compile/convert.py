@@ -41,6 +41,17 @@ class OSPModule(nn.Module):
         with collective_errors(self.osp_config), unwrapped_osp_errors(), recompile_limit_as_error():
             return self._compiled(*args, **kwargs)
 
+    def collective_errors(self) -> contextlib.AbstractContextManager:
+        """Around ``loss.backward()`` under sequence parallelism: a collective of the backward that
+        fails (a peer rank died, skipped its backward, or ran another one) raises an `OSPError` that
+        names this rank and the contract, as a failed forward collective does, instead of the
+        backend's raw error. A no-op without sequence parallelism.
+
+            with model.collective_errors():
+                loss.backward()
+        """
+        return collective_errors(self.osp_config, phase="backward")
+
     def train(self, mode: bool = True) -> "OSPModule":
         super().train(mode)
         self._original.training = mode

@@ -42,8 +42,11 @@ class PlanningGroup:
 
 
 @contextlib.contextmanager
-def collective_errors(config):
-    """Turn a failed or timed-out collective into an error that says which rank and what to check."""
+def collective_errors(config, phase: str = "forward"):
+    """Turn a failed or timed-out collective into an error that says which rank and what to check.
+    ``phase``: ``"forward"`` (the converted module's call, which wraps itself) or ``"backward"``
+    (``OSPModule.collective_errors()`` around ``loss.backward()``: backward's collectives run in
+    autograd's engine, outside any call of the module)."""
     if config.sequence_parallel is None or isinstance(config.sp_group, PlanningGroup):
         yield
         return
@@ -56,10 +59,12 @@ def collective_errors(config):
             raise  # not a collective: a compile-time error says what it is itself
         group = config.sp_group or dist.group.WORLD
         rank, world = dist.get_rank(group), dist.get_world_size(group)
+        contract = ("Every rank must call the converted module with the same inputs" if phase == "forward" else
+                    "Every rank must run the same backward (each rank's loss.backward() after the same forward)")
         raise OSPError(
-            f"sequence-parallel collective failed on rank {rank} of {world} ({config.sequence_parallel}): a peer rank "
-            f"died or did not arrive within the process group's timeout (init_process_group(timeout=...)). Every rank "
-            f"must call the converted module with the same inputs. Cause: {type(exc).__name__}: {str(exc)[:500]}"
+            f"sequence-parallel collective failed in {phase} on rank {rank} of {world} ({config.sequence_parallel}): "
+            f"a peer rank died or did not arrive within the process group's timeout "
+            f"(init_process_group(timeout=...)). {contract}. Cause: {type(exc).__name__}: {str(exc)[:500]}"
         ) from exc
 
 

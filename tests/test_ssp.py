@@ -247,7 +247,31 @@ def test_a_missing_rank_ends_the_others_with_a_clear_error(tmp_path):
     results = run_ranks(_dead_rank_worker, 2, tmp_path, timeout_s=20)
     assert results[1] == {"left": True}
     msg = results[0].get("error_seen", "")
-    assert "sequence-parallel collective failed" in msg and "rank" in msg, results[0]
+    assert "sequence-parallel collective failed in forward on rank 0 of 2" in msg, results[0]
+    assert results[0]["seconds"] < 120
+
+
+def _skipped_backward_worker(rank, world):
+    model, args, kwargs, _ = _build("reference")
+    sp = convert(model, args, kwargs, OSPConfig(num_full_blocks=2, sequence_parallel="ssp"))
+    loss = _first(sp(*args, **kwargs)).square().mean()  # the forward's collectives pair up on both ranks
+    if rank == 1:
+        return {"left": True}  # never runs its backward
+    start = time.time()
+    try:
+        with sp.collective_errors():
+            loss.backward()
+    except Exception as exc:
+        return {"error_seen": f"{type(exc).__name__}: {exc}"[:2000], "seconds": time.time() - start}
+    return {"no_error": True}
+
+
+def test_a_rank_that_skips_backward_ends_the_others_with_a_clear_error(tmp_path):
+    results = run_ranks(_skipped_backward_worker, 2, tmp_path, timeout_s=20)
+    assert results[1] == {"left": True}, results[1]
+    msg = results[0].get("error_seen", "")
+    assert msg.startswith("OSPError: sequence-parallel collective failed in backward on rank 0 of 2"), results[0]
+    assert "Every rank must run the same backward" in msg
     assert results[0]["seconds"] < 120
 
 

@@ -25,6 +25,7 @@ every parameter trains and the reference is a snapshot of the weights the traine
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -178,7 +179,8 @@ class MixGRPOTrainer:
             self.optimizer.zero_grad(set_to_none=False)
             for j, rollout in enumerate(rollouts):
                 out = self.transition_loss(rollout, k, advantages[j])
-                (out["loss"] / n).backward()
+                with self._backward_errors():
+                    (out["loss"] / n).backward()
                 ratio = out["ratio"].detach()
                 for name in ("loss", "policy_loss", "kl"):
                     sums[name] += float(out[name].detach()) / n
@@ -192,6 +194,12 @@ class MixGRPOTrainer:
         metrics = {name: value / window_len for name, value in sums.items()}
         metrics["first_step_ratio_max_dev"] = first_ratio_dev
         return metrics
+
+    def _backward_errors(self) -> contextlib.AbstractContextManager:
+        """A converted model's rank-aware errors for the collectives of a backward (SP only)."""
+        from ..convert import OSPModule
+
+        return self.model.collective_errors() if isinstance(self.model, OSPModule) else contextlib.nullcontext()
 
     def _contexts(self, prompts: Sequence[Any] | Tensor) -> tuple[Tensor, list]:
         if self.encode_prompts is not None:
