@@ -154,7 +154,6 @@ def test_dispatch_errors_and_no_triton(monkeypatch):
         hif8.encode(x, backend="triton")
 
 
-
 @needs_interp
 def test_an_interpreter_that_fails_the_probe_is_not_used(monkeypatch):
     """A Triton whose interpreter cannot run a kernel's loop (Triton 3.6 under NumPy 2) counts as
