@@ -20,9 +20,8 @@ def _use_triton(t: torch.Tensor, backend: str) -> bool:
         return False
     if backend == "triton":
         if not triton_kernels.triton_available(t.device):
-            why = (triton_kernels.interpreter_unavailable_reason() if t.device.type == "cpu"
-                   else triton_kernels.cuda_unavailable_reason() if t.device.type == "cuda" else "no kernels for it")
-            raise RuntimeError(f"backend='triton' asked for, but Triton cannot run on {t.device} here ({why}); "
+            raise RuntimeError(f"backend='triton' asked for, but Triton cannot run on {t.device} here "
+                               f"({triton_kernels.unavailable_reason(t.device)}); "
                                "use backend='auto' or 'torch'")
         return True
     return t.device.type == "cuda" and triton_kernels.triton_available(t.device)

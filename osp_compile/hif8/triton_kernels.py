@@ -86,15 +86,21 @@ def _probe_failure() -> str | None:
     return None
 
 
-def triton_available(device: torch.device | str = "cuda") -> bool:
-    """Whether the Triton kernels can run on ``device``: CUDA needs Triton and a GPU; CPU needs
-    Triton's interpreter (slow: meant for tests) in working order (`interpreter_unavailable_reason`)."""
+def unavailable_reason(device: torch.device | str = "cuda") -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None: they can): CUDA needs Triton and a GPU
+    (`cuda_unavailable_reason`); CPU needs Triton's interpreter in working order
+    (`interpreter_unavailable_reason`; slow: meant for tests); no other device has them."""
     device = torch.device(device)
     if device.type == "cuda":
-        return cuda_unavailable_reason() is None
+        return cuda_unavailable_reason()
     if device.type == "cpu":
-        return interpreter_unavailable_reason() is None
-    return False
+        return interpreter_unavailable_reason()
+    return f"no Triton kernels for {device.type} devices"
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """Whether the Triton kernels can run on ``device`` (`unavailable_reason` says why not)."""
+    return unavailable_reason(device) is None
 
 
 tl = None  # triton.language once _kernels() has run.  Until then the `tl.constexpr` annotations
