@@ -110,11 +110,13 @@ def _project_hif8(g: fx.Graph, attention: fx.Node, linear: fx.Node) -> tuple[fx.
         return None, "kept: sequence parallel (one scale all-reduce per class; ranks may differ in classes)"
     if not all(isinstance(n, int) for n in attention.args[3:6]):
         return None, "kept: the grid is symbolic here, so the number of length classes is not known"
-    count = len(example_of(folded_attention_classes, attention.args, attention.kwargs))
+    example = example_of(folded_attention_classes, attention.args, attention.kwargs)
+    count = len(example)
     if count == 1:
         return None, "kept: one length class (no concatenation to save)"
     with g.inserting_before(linear):
-        classes = call_with_example(g, folded_attention_classes, attention.args, dict(attention.kwargs))
+        classes = g.call_function(folded_attention_classes, attention.args, dict(attention.kwargs))
+        classes.meta["example_value"] = example  # computed once, above
         parts = [call_with_example(g, operator.getitem, (classes, i)) for i in range(count)]
         amax = absmax_nodes(g, parts[0])
         for part in parts[1:]:
