@@ -18,8 +18,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_RESULT_PATH = "OSP_TEST_RANK_RESULT"
+
+
+def die_now(result: dict) -> None:
+    """Record this rank's result and end the process at once, as a crashed rank would.
+
+    A rank that returns normally tears its process group down while its peers may still be inside
+    a collective with it; gloo can then abort the leaving process ("terminate called without an
+    active exception"), which says nothing about the peers. Skipping the teardown models a dead
+    peer exactly: the kernel closes its sockets and the others see the connection go."""
+    Path(os.environ[_RESULT_PATH]).write_text(json.dumps(result, default=str))
+    os._exit(0)
+
+
 def _entry(rank, fn, world, port, out_dir, timeout_s, args):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[_RESULT_PATH] = str(Path(out_dir, f"rank{rank}.json"))
     import torch
 
     torch.set_num_threads(1)
@@ -31,7 +46,7 @@ def _entry(rank, fn, world, port, out_dir, timeout_s, args):
     except BaseException as exc:  # report, never hang the parent
         result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-4000:]}
     finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result, default=str))
+        Path(os.environ[_RESULT_PATH]).write_text(json.dumps(result, default=str))
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -10,7 +10,7 @@ from osp_compile.convert import plan
 from osp_compile.distributed import PlanningGroup
 from osp_compile.oracle import rel_err
 from reference_model import PRESETS, build_model, make_inputs
-from sp_harness import run_ranks
+from sp_harness import die_now, run_ranks
 
 
 def _grads(model):
@@ -256,7 +256,7 @@ def _skipped_backward_worker(rank, world):
     sp = convert(model, args, kwargs, OSPConfig(num_full_blocks=2, sequence_parallel="ssp"))
     loss = _first(sp(*args, **kwargs)).square().mean()  # the forward's collectives pair up on both ranks
     if rank == 1:
-        return {"left": True}  # never runs its backward
+        die_now({"left": True})  # never runs its backward
     start = time.time()
     try:
         with sp.collective_errors():
