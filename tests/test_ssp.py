@@ -233,7 +233,7 @@ def test_sequence_parallel_equals_single_process(tmp_path, name, world):
 
 def _dead_rank_worker(rank, world):
     if rank == 1:
-        return {"left": True}  # never arrives at the first collective
+        die_now({"left": True})  # never arrives at the first collective
     model, args, kwargs, _ = _build("reference")
     start = time.time()
     try:
