@@ -66,17 +66,22 @@ _lib.define(
 )
 
 
+def _packed_classes(T, H, W, P, pattern, rank, world) -> tuple:
+    """(token offset, subsequences, length) of each length class of this rank's packed subsequences."""
+    mine = owned_subsequences(P, world, rank)
+    return real_length_classes((int(T), int(H), int(W)), P, pattern, mine.start, len(mine))
+
+
+def _class_view(t, offset, count, n):
+    """A class's rows of packed `t` [B, h, tokens, D] as one dense batch [B*count, h, n, D] (a view)."""
+    return t.narrow(-2, offset, count * n).unflatten(-2, (count, n)).movedim(-3, 1).flatten(0, 1)
+
+
 def _length_classes(q, k, v, T, H, W, P, pattern, rank, world):
     """Per length class of this rank's packed subsequences: (q, k, v) as [B*count, heads, n, D] views
     of their rows (subsequences of equal length as one dense batch: no mask, no padding, no copy)."""
-    grid = (int(T), int(H), int(W))
-    mine = owned_subsequences(P, world, rank)
-    for offset, count, n in real_length_classes(grid, P, pattern, mine.start, len(mine)):
-        def rows(t):  # [B, h, count*n, D] rows -> [B*count, h, n, D]
-            t = t.narrow(-2, offset, count * n).unflatten(-2, (count, n))
-            return t.movedim(-3, 1).flatten(0, 1)
-
-        yield rows(q), rows(k), rows(v)
+    for cls in _packed_classes(T, H, W, P, pattern, rank, world):
+        yield _class_view(q, *cls), _class_view(k, *cls), _class_view(v, *cls)
 
 
 def _class_rows(out, batch):

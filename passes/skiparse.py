@@ -4,7 +4,8 @@ into the batch, run the same dense attention with padded keys masked, undo).
 
 Joint text+video sites (CogVideoX, HunyuanVideo: one attention over text and video joined) get
 `osp::skiparse_joint_attention` instead: video queries attend the text keys and their own
-subsequence, text queries stay full; the model's key mask (text padding) is kept.
+subsequence (packed: real tokens only, no padding), text queries stay full; the model's key mask
+(text padding) is kept.
 
 RoPE needs nothing here: the call sits after RoPE, so every token keeps its original position.
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 import torch.fx as fx
 
 from osp_compile.errors import OSPUnsupportedError
-from osp_compile.joint_attention import skiparse_attention_flops, skiparse_joint_attention
+from osp_compile.joint_attention import joint_attention_flops, skiparse_attention_flops, skiparse_joint_attention
 from osp_compile.ops import skiparse_attention
 from osp_compile.report import PassReport
-from osp_compile.skiparse_layout import check_fits, subsequence_length
+from osp_compile.skiparse_layout import check_fits, subsequence_length, subsequence_tokens
 from .fx_utils import hint, sdpa_args
 
 
@@ -72,12 +73,17 @@ def skiparse_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
         site.node = new
-        sub = subsequence_length(grid_hint, p)
-        row.subsequence_len = sub
-        row.flops_after = skiparse_attention_flops(site.batch, site.heads, site.head_dim, grid_hint, p, site.text_len)
-        row.decision = f"{site.layout}-wise Skiparse, P={p}, {p * p} subsequences of {sub} tokens"
         if site.kind == "joint":
-            row.decision += f", each with the {site.text_len} text keys; text queries full"
+            sub = max(len(t) for t in subsequence_tokens(grid_hint, p, site.layout))
+            row.flops_after = joint_attention_flops(site.batch, site.heads, site.head_dim, grid_hint, p, site.layout,
+                                                    site.text_len)
+            row.decision = (f"{site.layout}-wise Skiparse, P={p}, {p * p} packed subsequences of up to {sub} tokens, "
+                            f"each with the {site.text_len} text keys; text queries full")
+        else:
+            sub = subsequence_length(grid_hint, p)
+            row.flops_after = skiparse_attention_flops(site.batch, site.heads, site.head_dim, grid_hint, p)
+            row.decision = f"{site.layout}-wise Skiparse, P={p}, {p * p} subsequences of {sub} tokens"
+        row.subsequence_len = sub
         rows.append({"site": site.index, "layout": site.layout, "subsequence_len": sub})
         rewritten += 1
     gm.recompile()

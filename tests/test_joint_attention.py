@@ -6,9 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from osp_compile import OSPConfig, convert
-from osp_compile.joint_attention import skiparse_attention_flops, skiparse_joint_attention
+from osp_compile.joint_attention import joint_attention_flops, skiparse_attention_flops, skiparse_joint_attention
 from osp_compile.oracle import _combine, joint_skiparse_mask, masked_oracle, rel_err
-from osp_compile.skiparse_layout import subsequence_length
+from osp_compile.lowering.composites import on_attention_kernel
+from osp_compile.skiparse_layout import subsequence_length, subsequence_tokens
 from passes.token_dims import JOINT, OTHER, TOK, Factor, permute, regroup
 
 
@@ -37,13 +38,34 @@ def test_op_equals_dense_attention_under_the_joint_mask(grid, p, pattern, text_l
         assert rel_err(a, b) <= 1e-12
 
 
+@pytest.mark.parametrize("pattern", ["token", "group"])
+def test_packed_video_queries_need_no_mask_on_a_padded_grid(pattern):
+    """(5, 6) would pad to (8, 8): packed, the video queries' attention gets no mask, so a target's
+    fast dense kernel (flash, cuDNN) can run it; and every query row attends real keys only."""
+    calls = []
+
+    def recording(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape, k.shape, attn_mask))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
+
+    grid, p, text = (2, 5, 6), 2, 5
+    q, k, v = (torch.randn(2, 3, text + 60, 8) for _ in range(3))
+    on_attention_kernel("skiparse_joint_attention", recording)(q, k, v, None, *grid, p, pattern, text)
+    assert all(mask is None for *_, mask in calls)
+    video = calls[:-1]  # the last call is the text queries'
+    lengths = sorted(len(t) for t in subsequence_tokens(grid, p, pattern))
+    assert sorted(qs[2] for qs, _, _ in video for _ in range(qs[0] // 2)) == lengths  # real tokens only
+    assert all(ks[2] == qs[2] + text for qs, ks, _ in video)  # each with the text keys alongside
+
+
 def test_flops_count_what_the_op_computes():
-    grid, p, b, h, d, text = (2, 5, 6), 2, 1, 2, 8, 5
-    sub = subsequence_length(grid, p)  # padded subsequence
-    video = p * p * b * sub * (text + sub)  # query-key pairs of the folded video queries
-    text_pairs = b * text * (text + 60)
-    assert skiparse_attention_flops(b, h, d, grid, p, text) == 4 * h * d * (video + text_pairs)
-    assert skiparse_attention_flops(b, h, d, grid, p) == 4 * b * h * p * p * sub * sub * d  # plain Skiparse
+    """Query-key pairs counted from the joint mask itself (the oracle's), not from the op's packing."""
+    grid, p, b, h, d, text, offset = (2, 5, 6), 2, 2, 2, 8, 5, 5
+    for pattern in ("token", "group"):
+        pairs = int(joint_skiparse_mask(grid, p, pattern, offset, text).sum())  # True = attended, per sample
+        assert joint_attention_flops(b, h, d, grid, p, pattern, text) == 4 * h * d * b * pairs
+    sub = subsequence_length(grid, p)  # the per-site op pads the grid
+    assert skiparse_attention_flops(b, h, d, grid, p) == 4 * b * h * p * p * sub * sub * d
 
 
 # -- the token-layout algebra ----------------------------------------------------------------------
