@@ -19,6 +19,7 @@ from passes.token_dims import JOINT, OTHER, TOK, Factor, permute, regroup
     ((2, 5, 6), 2, "group", 4, 0, "bool"),  # HunyuanVideo: video first, text padding mask
     ((2, 8, 8), 2, "token", 3, 0, None),  # no padding, no mask: no mask at all inside
     ((1, 7, 7), 3, "group", 6, 2, "float"),  # text on both sides, additive per-head mask
+    ((2, 5, 6), 2, "group", 4, 4, "video"),  # a key mask over video tokens too: packed like the keys
 ])
 def test_op_equals_dense_attention_under_the_joint_mask(grid, p, pattern, text_len, offset, mask):
     torch.manual_seed(0)
@@ -27,6 +28,9 @@ def test_op_equals_dense_attention_under_the_joint_mask(grid, p, pattern, text_l
     if mask == "bool":
         mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
         mask[0, ..., -2:] = False  # the last two text tokens of sample 0 are padding
+    elif mask == "video":
+        mask = torch.rand(2, 1, 1, n, generator=torch.Generator().manual_seed(1)) > 0.3
+        mask[..., :text_len] = True  # every video query keeps its text keys
     elif mask == "float":
         mask = torch.zeros(1, 3, 1, n, dtype=torch.float64)
         mask[..., 0] = -1.5
