@@ -4,17 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from osp_compile.oracle import subsequence_id
 from osp_compile.skiparse_layout import fold, fold_index, key_padding_mask, padded_extent, subsequence_length, unfold
-
-
-@st.composite
-def grids(draw):
-    p = draw(st.integers(1, 3))
-    pattern = draw(st.sampled_from(["token", "group"]))
-    need = p if pattern == "token" else p * (p - 1) + 1
-    t = draw(st.integers(1, 3))
-    h = draw(st.integers(need, 13))
-    w = draw(st.integers(need, 13))
-    return (t, h, w), p, pattern
+from strategies import grids
 
 
 @settings(max_examples=120, deadline=None)

@@ -10,14 +10,12 @@ from osp_compile.oracle import masked_oracle, rel_err, subsequence_id
 from osp_compile.skiparse_layout import padded_extent, real_length_classes
 from osp_compile.token_layouts import gather_order, local_token_ids, routing, shard_rows, slot_ids
 from reference_model import PRESETS, build_model, make_inputs
+from strategies import grids
 
 
 @st.composite
 def cases(draw):
-    p = draw(st.integers(1, 3))
-    pattern = draw(st.sampled_from(["token", "group"]))
-    need = p if pattern == "token" else p * (p - 1) + 1
-    grid = (draw(st.integers(1, 3)), draw(st.integers(need, 13)), draw(st.integers(need, 13)))
+    grid, p, pattern = draw(grids())
     world = draw(st.sampled_from([d for d in range(1, p * p + 1) if (p * p) % d == 0]))
     return grid, p, pattern, world
 
