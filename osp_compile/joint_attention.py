@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import _class_rows, _class_view, _packed_classes
-from .skiparse_layout import relayout_local, subsequence_length, subsequence_tokens
+from .skiparse_layout import packed_attention_pairs, relayout_local, subsequence_length
 
 _lib = torch.library.Library("osp", "FRAGMENT")
 _lib.define(
@@ -106,6 +106,7 @@ def joint_attention_flops(batch: int, heads: int, head_dim: int, grid, p: int, p
     """Multiply-adds x2 of QK^T and PV of `osp::skiparse_joint_attention`: each subsequence's real
     tokens against the text keys and themselves, and the text queries against every key."""
     grid = tuple(int(g) for g in grid)
-    video = batch * sum(len(t) * (text_len + len(t)) for t in subsequence_tokens(grid, p, pattern))
-    text = batch * text_len * (text_len + grid[0] * grid[1] * grid[2])
+    video_len = grid[0] * grid[1] * grid[2]
+    video = batch * (video_len * text_len + packed_attention_pairs(grid, p, pattern))
+    text = batch * text_len * (text_len + video_len)
     return 4 * heads * head_dim * (video + text)
