@@ -320,7 +320,7 @@ class _Rewriter:
         key = (a, label, off)
         if key not in self.converted:
             with self.g.inserting_after(a):
-                view = self.g.call_method("reshape", (a, (*([1] * off), *(hint(s) for s in shape))))
+                view = self.g.call_method("reshape", (a, (*([1] * off), *shape)))
             with self.g.inserting_after(view):
                 self.converted[key] = self._relayout_node(view, jd + off, "full", label)
         return self.converted[key]

@@ -45,29 +45,6 @@ def test_backend_equals_convert(inner):
     assert report_for(options).layout == converted.osp_report.layout == ["full", "token", "group", "full"]
 
 
-@pytest.mark.parametrize("dynamic", [None, True])
-def test_each_input_shape_gets_the_graph_of_its_grid(dynamic):
-    """Dynamo captures symbolic sizes under dynamic=True, and by default once a second input shape
-    arrives. OSP's index maps are constants of the token grid, so the graph is specialized to the
-    call's sizes and a new shape recompiles (`passes/static_shapes.py`): at every shape the output
-    and the gradients equal the masked dense oracle at that shape's grid."""
-    model = build_model("tiny", num_layers=4, seed=5)
-    options = {"num_full_blocks": 2, "inner": "eager"}
-    compiled = torch.compile(model, backend="osp", options=options, dynamic=dynamic)
-    for latent, grid in [((3, 12, 20), (3, 6, 10)), ((3, 8, 12), (3, 4, 6)), ((3, 12, 16), (3, 6, 8))]:
-        args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=latent, seed=6)
-        out = compiled(*args, **kwargs)
-        weight = torch.randn_like(out)
-        grads = _grads(model, out, weight)
-        with masked_oracle(["full", "token", "group", "full"], grid, 2):
-            ref = model(*args, **kwargs)
-        ref_grads = _grads(model, ref, weight)
-        assert rel_err(out, ref) <= 1e-5, grid
-        assert max(rel_err(grads[n], ref_grads[n]) for n in ref_grads) <= 1e-4, grid
-    summaries = [p.summary for g in report_for(options).graphs for p in g.passes if p.name == "static_shapes"]
-    assert any("specialized" in s for s in summaries), summaries  # Dynamo did capture symbolic sizes
-
-
 class BrokenDiT(nn.Module):
     """A DiT with a graph break between blocks and attention written as matmul -> softmax -> matmul."""
 
