@@ -36,15 +36,13 @@ def _concrete(value):
     return int(value)
 
 
-def _input_symbols(value) -> list[torch.SymInt]:
-    """The sizes of an input that are still free symbols."""
+def _symbolic_sizes(value) -> list[torch.SymInt]:
+    """The symbolic sizes, strides and offset of a graph input."""
     if isinstance(value, torch.SymInt):
-        sizes = [value]
-    elif isinstance(value, torch.Tensor):
-        sizes = [*value.shape, *value.stride(), value.storage_offset()]
-    else:
-        return []
-    return [s for s in sizes if isinstance(s, torch.SymInt) and s.node.expr.free_symbols]
+        return [value]
+    if isinstance(value, torch.Tensor):
+        return [s for s in (*value.shape, *value.stride(), value.storage_offset()) if isinstance(s, torch.SymInt)]
+    return []
 
 
 def _static(value):
@@ -74,10 +72,9 @@ def static_shapes_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRep
     g = gm.graph
     specialized = {}
     for node in g.find_nodes(op="placeholder"):
-        for size in _input_symbols(meta_value(node)):
-            name = str(size.node.expr)
-            if name not in specialized and size.node.expr.free_symbols:
-                specialized[name] = _concrete(size)
+        for size in _symbolic_sizes(meta_value(node)):
+            if size.node.expr.free_symbols:  # else an earlier guard fixed it already
+                specialized[str(size.node.expr)] = _concrete(size)
     if not specialized:
         return gm, PassReport("static_shapes", "static sizes: nothing to specialize")
     constants = 0
