@@ -74,7 +74,6 @@ class AttentionSite:
     index: int | None = None  # global index among the sites that get a layout (call order)
     layout: str = "-"
     decision: str = ""
-    grid_sources: tuple = ()  # (node, dim) where each grid size can be read in the graph
     video_offset: int = 0  # joint: where the video tokens start in the joined sequence
     text_len: int = 0  # joint: how many other (text) tokens the joined sequence holds
     unsupported: str | None = None  # why the site cannot be made sparse (a mask that varies per query, ...)
@@ -192,8 +191,8 @@ class _Tracker:
                 self.axes[node] = out
         return self.result
 
-    def _origin(self, node: fx.Node, grid: tuple, layout: list, sources: tuple) -> bool:
-        self.axes[node] = TokenAxis(tuple(normalize_layout_dim(d) for d in layout), grid, node, sources)
+    def _origin(self, node: fx.Node, grid: tuple, layout: list) -> bool:
+        self.axes[node] = TokenAxis(tuple(normalize_layout_dim(d) for d in layout), grid, node)
         self.result.origins.append(node)
         return True
 
@@ -204,7 +203,7 @@ class _Tracker:
             return False
         b, c, t, h, w = shape
         layout = [other_dim(b), other_dim(c), *((Factor(TOK, n),) for n in (t, h, w))]
-        return self._origin(node, (t, h, w), layout, tuple((node, d) for d in (2, 3, 4)))
+        return self._origin(node, (t, h, w), layout)
 
     def _conv2d(self, node: fx.Node) -> bool:
         """Conv2d on frames folded into the batch: its input is [B, F, C, H, W] reshaped to [B*F, C, H, W]."""
@@ -218,7 +217,7 @@ class _Tracker:
             return False
         _, c, h, w = shape
         layout = [(Factor(OTHER, b), Factor(TOK, f)), other_dim(c), (Factor(TOK, h),), (Factor(TOK, w),)]
-        return self._origin(node, (f, h, w), layout, ((video, 1), (node, 2), (node, 3)))
+        return self._origin(node, (f, h, w), layout)
 
     def _propagate(self, node: fx.Node, kind: str, inputs: list[fx.Node]) -> Any:
         out_shape = shape_of(node)
@@ -498,7 +497,7 @@ class _Tracker:
         qa, ka, va = (self.axis(x) for x in (q, k, v))
         on_seq = lambda ax, x: ax is not None and ax.seq_dim() == len(shape_of(x)) - 2  # noqa: E731
         if on_seq(qa, q) and on_seq(ka, k) and on_seq(va, v) and ka.same_tokens(qa) and va.same_tokens(qa):
-            site.grid, site.origin, site.grid_sources = qa.grid, qa.origin, qa.sources
+            site.grid, site.origin = qa.grid, qa.origin
             if qa.is_joint:
                 site.kind, site.video_offset = "joint", qa.segment.offset
                 site.text_len = site.q_len - hint(product(qa.grid))
@@ -610,7 +609,7 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
                     f"node '{s.node.name}' ({s.how}): its tokens are ordered as that grid. Drop grid= (it is for "
                     f"models where no grid can be found), or correct it."
                 )
-            s.grid, s.origin, s.grid_sources, s.how = tuple(cfg.grid), None, (), "grid from OSPConfig.grid"
+            s.grid, s.origin, s.how = tuple(cfg.grid), None, "grid from OSPConfig.grid"
         classify_by_grid(an, cfg.grid, reg.joint)
     elif not an.layout_sites and reg.grid is not None:
         classify_by_grid(an, reg.grid, reg.joint)

@@ -108,8 +108,6 @@ def _project_hif8(g: fx.Graph, attention: fx.Node, linear: fx.Node) -> tuple[fx.
         return None, "kept: the HiF8 projection already has its activation's max"
     if a["group"]:
         return None, "kept: sequence parallel (one scale all-reduce per class; ranks may differ in classes)"
-    if not all(isinstance(n, int) for n in attention.args[3:6]):
-        return None, "kept: the grid is symbolic here, so the number of length classes is not known"
     example = example_of(folded_attention_classes, attention.args, attention.kwargs)
     count = len(example)
     if count == 1:

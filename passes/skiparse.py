@@ -21,12 +21,6 @@ from osp_compile.skiparse_layout import check_fits, subsequence_length, subseque
 from .fx_utils import hint, sdpa_args
 
 
-def _grid_args(g: fx.Graph, site) -> list:
-    """The grid as call arguments: ints, or `size()` nodes where the analysis read a symbolic size."""
-    sources = site.grid_sources or (None,) * 3  # a grid from OSPConfig.grid or the sequence length: ints
-    return [n if isinstance(n, int) else g.call_method("size", src) for n, src in zip(site.grid, sources)]
-
-
 def _unsupported_reason(site, a: dict) -> str | None:
     if a["is_causal"]:
         return "the attention call is causal"
@@ -37,11 +31,12 @@ def _unsupported_reason(site, a: dict) -> str | None:
     return None
 
 
-def _rewrite(g: fx.Graph, site, a: dict, p: int) -> fx.Node:
-    """Insert the sparse op for `site` before its attention call and return it."""
+def _rewrite(g: fx.Graph, site, a: dict, p: int, grid: tuple[int, int, int]) -> fx.Node:
+    """Insert the sparse op for `site` before its attention call and return it (the graph's sizes
+    are static: `static_shapes` ran first)."""
     options = {"dropout_p": a["dropout_p"], "scale": a["scale"], "enable_gqa": a["enable_gqa"]}
+    t, h, w = grid
     with g.inserting_before(site.node):
-        t, h, w = _grid_args(g, site)
         if site.kind == "joint":
             return g.call_function(skiparse_joint_attention, (
                 a["query"], a["key"], a["value"], a["attn_mask"], t, h, w, p, site.layout, site.video_offset), options)
@@ -68,7 +63,7 @@ def skiparse_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
             continue
         grid_hint = tuple(hint(x) for x in site.grid)
         check_fits(grid_hint, p, site.layout, where=f" at site {site.index} (node '{site.node.name}')")
-        new = _rewrite(g, site, a, p)
+        new = _rewrite(g, site, a, p, grid_hint)
         new.meta.update(site.node.meta)
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)

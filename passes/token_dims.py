@@ -98,14 +98,12 @@ class Segment:
 class TokenAxis:
     """The token layout of one tensor, the grid (T, H, W) and where the tokens came from.
 
-    `origin` is the patch-embedding node; `sources` say where each grid size can be read in the
-    graph (node, dim), for sizes that are symbolic. `segment` is set when a dim is a joined sequence.
+    `origin` is the patch-embedding node. `segment` is set when a dim is a joined sequence.
     """
 
     layout: Layout
     grid: tuple[Any, Any, Any]
     origin: fx.Node
-    sources: tuple[tuple[fx.Node, int], ...]
     segment: Segment | None = None
 
     def with_layout(self, layout: Sequence[Sequence[Factor]], segment: Segment | None | str = "keep") -> "TokenAxis | None":
