@@ -5,8 +5,9 @@ import torch
 
 from osp_compile.hif8 import triton_kernels
 
-needs_interp = pytest.mark.skipif(not triton_kernels.triton_available("cpu"),
-                                  reason=f"Triton's interpreter cannot run here: {triton_kernels.interpreter_unavailable_reason()}")
+_INTERP_UNAVAILABLE = triton_kernels.unavailable_reason("cpu")
+needs_interp = pytest.mark.skipif(_INTERP_UNAVAILABLE is not None,
+                                  reason=f"Triton's interpreter cannot run here: {_INTERP_UNAVAILABLE}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
