@@ -22,7 +22,8 @@ _RESULT_PATH = "OSP_TEST_RANK_RESULT"
 
 
 def die_now(result: dict) -> None:
-    """Record this rank's result and end the process at once, as a crashed rank would.
+    """Record this rank's result and end the process at once, as a crashed rank would (or as a rank
+    whose peer died should: see test_ssp's `_survivor_ends`).
 
     A rank that returns normally tears its process group down while its peers may still be inside
     a collective with it; gloo can then abort the leaving process ("terminate called without an
