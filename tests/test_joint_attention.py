@@ -48,13 +48,17 @@ def test_op_equals_dense_attention_under_the_joint_mask(grid, p, pattern, text_l
 @given(grids(), st.integers(0, 4), st.data())
 def test_op_equals_its_mask_on_any_grid(case, text_len, data):
     """Property: on any grid that fits (ragged ones too), text placed anywhere, with or without a
-    model key mask, the packed op equals dense attention under the joint mask."""
+    model key mask, q/k/v head-major or token-major in memory, the packed op equals dense attention
+    under the joint mask."""
     grid, p, pattern = case
     video = grid[0] * grid[1] * grid[2]
     offset = data.draw(st.integers(0, text_len))
     n = video + text_len
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
-    q, k, v = (torch.randn(2, 2, n, 4, dtype=torch.float64, generator=g) for _ in range(3))
+    if data.draw(st.booleans()):  # token-major: the projection's [B, N, heads, D], transposed
+        q, k, v = (torch.randn(2, n, 2, 4, dtype=torch.float64, generator=g).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(2, 2, n, 4, dtype=torch.float64, generator=g) for _ in range(3))
     mask = None
     if text_len and data.draw(st.booleans()):  # video keys masked at random; every query keeps the text keys
         mask = torch.rand(2, 1, 1, n, generator=g) > 0.3
@@ -82,6 +86,18 @@ def test_packed_video_queries_need_no_mask_on_a_padded_grid(pattern):
     lengths = sorted(len(t) for t in subsequence_tokens(grid, p, pattern))
     assert sorted(qs[2] for qs, _, _ in video for _ in range(qs[0] // 2)) == lengths  # real tokens only
     assert all(ks[2] == qs[2] + text for qs, ks, _ in video)  # each with the text keys alongside
+
+
+@pytest.mark.parametrize("layout", ["head", "token"])
+def test_output_is_token_major_so_merging_the_heads_is_a_view(layout):
+    """Whatever the inputs' layout, the output lies [B, N, heads, D] in memory, as dense attention
+    on the GPU leaves a token-major q's output: the model's transpose(1, 2).reshape is no copy."""
+    grid, p, text, n = (2, 5, 6), 2, 5, 65
+    shape = (2, 3, n, 8) if layout == "head" else (2, n, 3, 8)
+    q, k, v = (torch.randn(shape) if layout == "head" else torch.randn(shape).transpose(1, 2) for _ in range(3))
+    out = skiparse_joint_attention(q, k, v, None, *grid, p, "token", text)
+    merged = out.transpose(1, 2).reshape(2, n, 24)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None
 
 
 def test_flops_count_what_the_op_computes():
