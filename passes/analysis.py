@@ -4,8 +4,8 @@ How: a forward dataflow over the graph that tracks, for every tensor, where its 
 (`passes/token_dims.py`: per dim, the factors it is made of, tokens read frame-major). Sources
 are patch embeddings: a Conv3d whose output [B, C, T, H, W] carries the grid in dims 2..4, or a
 Conv2d on frames folded into the batch ([B*F, C, H, W], the input a reshape of [B, F, C, H, W],
-as diffusers' CogVideoXPatchEmbed). Reshapes regroup the factors (symbolic sizes with sympy),
-permutes reorder dims, and per-token ops (elementwise, linears and norms over the channel dims,
+as diffusers' CogVideoXPatchEmbed). Reshapes regroup the factors, permutes
+reorder dims, and per-token ops (elementwise, linears and norms over the channel dims,
 reductions elsewhere, splits/indexing on other dims) keep them. `cat` along the sequence dim of
 video tokens and tensors without tokens (text) makes a *joined* sequence whose video segment
 (offset, length) is tracked; slicing or splitting it gives the video tokens or the text back.
@@ -31,15 +31,14 @@ from osp_compile.report import LAYOUT_KINDS
 from .fx_utils import (
     call_args,
     call_kind,
-    hint,
     is_sdpa,
     meta_value,
     normalize_dim,
     product,
-    same_size,
     sdpa_args,
     shape_of,
 )
+from .static_shapes import require_static_sizes
 from .token_dims import (
     JOINT,
     OTHER,
@@ -213,7 +212,7 @@ class _Tracker:
         if shape is None or len(shape) != 4 or vshape is None or len(vshape) != 5 or xshape is None:
             return False
         b, f = vshape[0], vshape[1]
-        if not (same_size(xshape[0], b * f) and all(same_size(a, z) for a, z in zip(xshape[1:], vshape[2:]))):
+        if not (xshape[0] == b * f and all(a == z for a, z in zip(xshape[1:], vshape[2:]))):
             return False
         _, c, h, w = shape
         layout = [(Factor(OTHER, b), Factor(TOK, f)), other_dim(c), (Factor(TOK, h),), (Factor(TOK, w),)]
@@ -279,7 +278,7 @@ class _Tracker:
                 self.stop(node, f"{kind} combines tensors whose dim {j} holds different tokens")
                 return None
             dim = dims.pop() if dims else other_dim(size)
-            if holds_tokens(dim) and not same_size(product(f.size for f in dim), size):
+            if holds_tokens(dim) and product(f.size for f in dim) != size:
                 self.stop(node, f"{kind} changes the size of a token dim")
                 return None
             layout.append(dim)
@@ -310,7 +309,7 @@ class _Tracker:
             self.stop(node, f"{kind} over dim {dims} mixes tokens")
             return None
         if len(out_shape) == len(in_shape):  # keepdim, or a softmax/cumsum along a channel dim
-            return ax_in.with_layout([() if d in dims and same_size(out_shape[d], 1) else ax_in.layout[d]
+            return ax_in.with_layout([() if d in dims and out_shape[d] == 1 else ax_in.layout[d]
                                       for d in range(len(in_shape))])
         return ax_in.with_layout([ax_in.layout[d] for d in range(len(in_shape)) if d not in dims])
 
@@ -349,9 +348,6 @@ class _Tracker:
                     for s in sizes]
         if d[0].kind != JOINT or len(d) != 1:
             self.stop(node, "split along the token dim")
-            return None
-        if not all(isinstance(s, int) for s in sizes):
-            self.stop(node, "split of the joined text+video sequence into pieces of symbolic length")
             return None
         out, start = [], 0
         for s in sizes:
@@ -400,8 +396,8 @@ class _Tracker:
                     return None, "indexing selects part of the tokens"
             elif it == slice(None):
                 layout.append(dim)
-            elif not isinstance(n, int) or any(isinstance(v, fx.Node) for v in (it.start, it.stop, it.step)):
-                return None, "a slice with symbolic bounds"
+            elif any(isinstance(v, fx.Node) for v in (it.start, it.stop, it.step)):
+                return None, "a slice with bounds computed in the graph"
             else:
                 start, stop, step = it.indices(n)
                 if not holds_tokens(dim):
@@ -479,8 +475,8 @@ class _Tracker:
         i, ax = on_seq[0]
         seq = ax.layout[dim]
         sizes = [shape_of(t)[dim] for t in tensors]
-        if len(seq) != 1 or not all(isinstance(s, int) for s in sizes):
-            self.stop(node, f"{kind} along a dim that holds tokens and other factors, or of symbolic length")
+        if len(seq) != 1:
+            self.stop(node, f"{kind} along a dim that holds tokens and other factors")
             return None
         inner = ax.segment.offset if seq[0].kind == JOINT else 0
         layout = [(Factor(JOINT, sum(sizes)),) if d == dim else x for d, x in enumerate(ax.layout)]
@@ -491,8 +487,8 @@ class _Tracker:
         q, k, v = a["query"], a["key"], a["value"]
         qs, ks = shape_of(q), shape_of(k)
         site = AttentionSite(
-            node=node, kind="other", batch=hint(product(qs[:-3])) if len(qs) > 3 else hint(qs[0]),
-            heads=hint(qs[-3]) if len(qs) >= 3 else 1, q_len=hint(qs[-2]), kv_len=hint(ks[-2]), head_dim=hint(qs[-1]),
+            node=node, kind="other", batch=product(qs[:-3]) if len(qs) > 3 else qs[0],
+            heads=qs[-3] if len(qs) >= 3 else 1, q_len=qs[-2], kv_len=ks[-2], head_dim=qs[-1],
         )
         qa, ka, va = (self.axis(x) for x in (q, k, v))
         on_seq = lambda ax, x: ax is not None and ax.seq_dim() == len(shape_of(x)) - 2  # noqa: E731
@@ -500,7 +496,7 @@ class _Tracker:
             site.grid, site.origin = qa.grid, qa.origin
             if qa.is_joint:
                 site.kind, site.video_offset = "joint", qa.segment.offset
-                site.text_len = site.q_len - hint(product(qa.grid))
+                site.text_len = site.q_len - product(qa.grid)
                 site.how = (f"joint text+video attention: {site.text_len} text tokens, video tokens at "
                             f"[{site.video_offset}, {site.video_offset + site.q_len - site.text_len}) of the sequence")
                 _check_joint_mask(site)
@@ -527,7 +523,9 @@ def _check_joint_mask(site: AttentionSite) -> None:
 
 
 def analyse(gm: fx.GraphModule) -> Analysis:
-    """Run the token-axis dataflow and classify every attention call of `gm`."""
+    """Run the token-axis dataflow and classify every attention call of `gm` (static sizes only:
+    `passes/static_shapes.py` runs before)."""
+    require_static_sizes(gm)
     return _Tracker(gm).run()
 
 
@@ -602,7 +600,7 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
                     f"OSPConfig.grid={cfg.grid} has {tokens} tokens but the video self-attention at node "
                     f"'{s.node.name}' has {s.q_len - s.text_len}: give the token grid after patch embedding."
                 )
-            found = tuple(hint(g) for g in s.grid) if s.grid else None
+            found = tuple(s.grid) if s.grid else None
             if found is not None and found != tuple(cfg.grid):
                 raise OSPAnalysisError(
                     f"OSPConfig.grid={cfg.grid} contradicts the grid {found} the analysis read for the attention at "
@@ -614,7 +612,7 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
     elif not an.layout_sites and reg.grid is not None:
         classify_by_grid(an, reg.grid, reg.joint)
     if an.layout_sites and reg.grid is None:
-        reg.grid = tuple(hint(g) for g in an.layout_sites[0].grid)
+        reg.grid = tuple(an.layout_sites[0].grid)
     reg.joint |= {(s.q_len, s.video_offset) for s in an.layout_sites if s.kind == "joint"}
     ctx.analysis = an
     if an.sites and not an.layout_sites and not reg.keys:
@@ -641,7 +639,7 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
         ctx.report.record_site(s.key, SiteRow(
             where=s.key[0] or s.node.name, kind=s.kind, index=s.index, layout=s.layout, batch=s.batch,
             heads=s.heads, tokens=s.q_len, kv_tokens=s.kv_len, head_dim=s.head_dim,
-            grid=tuple(hint(g) for g in s.grid) if s.grid else None, subsequence_len=None,
+            grid=tuple(s.grid) if s.grid else None, subsequence_len=None,
             flops_before=s.attention_flops, flops_after=s.attention_flops, decision=s.decision or s.how,
             text_tokens=s.text_len,
         ))

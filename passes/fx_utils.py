@@ -1,11 +1,12 @@
-"""Small helpers every pass needs: shapes of FX nodes (static or symbolic), argument lookup, op names."""
+"""Small helpers every pass needs: shapes of FX nodes, argument lookup, op names.
+
+Sizes are ints: `passes/static_shapes.py` runs first and leaves no symbolic size behind."""
 from __future__ import annotations
 
 import math
 import operator
 from typing import Any, Callable, Sequence
 
-import sympy
 import torch
 import torch.fx as fx
 
@@ -39,28 +40,8 @@ def shape_of(node: Any) -> tuple | None:
     return None
 
 
-def to_expr(n: Any) -> sympy.Expr:
-    if isinstance(n, torch.SymInt):
-        return n.node.expr
-    return sympy.Integer(int(n))
-
-
-def same_size(a: Any, b: Any) -> bool:
-    """Equality of two sizes, proven symbolically where they are SymInts (no guards added)."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return sympy.simplify(to_expr(a) - to_expr(b)) == 0
-
-
 def product(sizes: Sequence[Any]) -> Any:
     return math.prod(sizes, start=1)
-
-
-def hint(n: Any) -> int:
-    """A concrete value of a size (the example value's hint when symbolic)."""
-    if isinstance(n, torch.SymInt):
-        return int(n.node.hint) if n.node.hint is not None else int(n.node.expr)
-    return int(n)
 
 
 def op_name(node: fx.Node) -> str:

@@ -18,7 +18,7 @@ from osp_compile.joint_attention import joint_attention_flops, skiparse_attentio
 from osp_compile.ops import skiparse_attention
 from osp_compile.report import PassReport
 from osp_compile.skiparse_layout import check_fits, subsequence_length, subsequence_tokens
-from .fx_utils import hint, sdpa_args
+from .fx_utils import sdpa_args
 
 
 def _unsupported_reason(site, a: dict) -> str | None:
@@ -61,22 +61,22 @@ def skiparse_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
                 raise OSPUnsupportedError(msg + " Use layout 'full' there or OSPConfig(on_unsupported='skip').")
             row.decision, row.layout = f"kept dense: {reason}", "full"
             continue
-        grid_hint = tuple(hint(x) for x in site.grid)
-        check_fits(grid_hint, p, site.layout, where=f" at site {site.index} (node '{site.node.name}')")
-        new = _rewrite(g, site, a, p, grid_hint)
+        grid = tuple(site.grid)
+        check_fits(grid, p, site.layout, where=f" at site {site.index} (node '{site.node.name}')")
+        new = _rewrite(g, site, a, p, grid)
         new.meta.update(site.node.meta)
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
         site.node = new
         if site.kind == "joint":
-            sub = max(len(t) for t in subsequence_tokens(grid_hint, p, site.layout))
-            row.flops_after = joint_attention_flops(site.batch, site.heads, site.head_dim, grid_hint, p, site.layout,
+            sub = max(len(t) for t in subsequence_tokens(grid, p, site.layout))
+            row.flops_after = joint_attention_flops(site.batch, site.heads, site.head_dim, grid, p, site.layout,
                                                     site.text_len)
             row.decision = (f"{site.layout}-wise Skiparse, P={p}, {p * p} packed subsequences of up to {sub} tokens, "
                             f"each with the {site.text_len} text keys; text queries full")
         else:
-            sub = subsequence_length(grid_hint, p)
-            row.flops_after = skiparse_attention_flops(site.batch, site.heads, site.head_dim, grid_hint, p)
+            sub = subsequence_length(grid, p)
+            row.flops_after = skiparse_attention_flops(site.batch, site.heads, site.head_dim, grid, p)
             row.decision = f"{site.layout}-wise Skiparse, P={p}, {p * p} subsequences of {sub} tokens"
         row.subsequence_len = sub
         rows.append({"site": site.index, "layout": site.layout, "subsequence_len": sub})

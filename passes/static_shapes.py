@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from osp_compile.errors import OSPAnalysisError
 from osp_compile.report import PassReport
 from .fx_utils import meta_value
 
@@ -100,3 +101,16 @@ def static_shapes_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRep
         "static_shapes", f"{len(specialized)} symbolic size(s) specialized to this call's values, {constants} size "
                          f"node(s) made constants, {removed} removed (a new input shape recompiles: OSP's index maps "
                          f"are constants of the token grid)", rows)
+
+
+def require_static_sizes(gm: fx.GraphModule) -> None:
+    """The passes after this one work with int sizes only: a graph that still has a symbolic size
+    (passes run without this one first) stops here, naming the node, instead of failing later."""
+    for node in gm.graph.nodes:
+        value = meta_value(node)
+        if isinstance(value, _SYMBOLIC) or (isinstance(value, torch.Tensor) and any(
+                isinstance(s, torch.SymInt) for s in value.shape)):
+            raise OSPAnalysisError(
+                f"node '{node.name}' has a symbolic size ({value if isinstance(value, _SYMBOLIC) else value.shape}): "
+                f"the OSP passes need the static sizes of one call. Run passes.static_shapes.static_shapes_pass "
+                f"first (osp_compile.pipeline.default_passes does), or capture with torch.compile(dynamic=False).")

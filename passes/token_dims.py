@@ -14,51 +14,28 @@ Why factors and not "which consecutive dims": diffusers' CogVideoX embeds frames
 batch (Conv2d on [B*F, C, H, W]), so right after the patch embedding dim 0 is (batch x frames) and
 the frames and the rows are separated by the channel dim until a transpose brings them together.
 
-Sizes are ints, or sympy expressions when Dynamo traced symbolic shapes; equalities and
-divisibility are decided exactly (never by guessing from a hint).
+Sizes are ints: `passes/static_shapes.py` runs first and leaves no symbolic size behind.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Sequence
 
-import sympy
-import torch
 import torch.fx as fx
 
 TOK, OTHER, JOINT = "tok", "other", "joint"
 
 
-def _expr(n: Any) -> Any:
-    if isinstance(n, torch.SymInt):
-        return n.node.expr
-    return n
-
-
-def size_eq(a: Any, b: Any) -> bool:
-    a, b = _expr(a), _expr(b)
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
-
-
-def size_quotient(a: Any, b: Any) -> Any | None:
-    """a / b when b divides a exactly (as an int or an integer-valued expression), else None."""
-    a, b = _expr(a), _expr(b)
-    if isinstance(a, int) and isinstance(b, int):
-        return a // b if b and a % b == 0 else None
-    q = sympy.simplify(sympy.sympify(a) / sympy.sympify(b))
-    _, denominator = sympy.fraction(sympy.together(q))
-    if denominator != 1:
-        return None
-    return int(q) if q.is_Integer else q
+def size_quotient(a: int, b: int) -> int | None:
+    """a / b when b divides a exactly, else None."""
+    return a // b if b and a % b == 0 else None
 
 
 @dataclass(frozen=True)
 class Factor:
     kind: str  # TOK | OTHER | JOINT
-    size: Any
+    size: int
 
 
 Dim = tuple[Factor, ...]
@@ -69,16 +46,16 @@ def normalize_dim(factors: Sequence[Factor]) -> Dim:
     """Drop size-1 factors and merge neighbours of the same kind (tok with tok, other with other)."""
     out: list[Factor] = []
     for f in factors:
-        if size_eq(f.size, 1):
+        if f.size == 1:
             continue
         if out and f.kind == out[-1].kind and f.kind != JOINT:
-            out[-1] = Factor(f.kind, _expr(out[-1].size) * _expr(f.size))
+            out[-1] = Factor(f.kind, out[-1].size * f.size)
         else:
-            out.append(Factor(f.kind, _expr(f.size)))
+            out.append(f)
     return tuple(out)
 
 
-def other_dim(size: Any) -> Dim:
+def other_dim(size: int) -> Dim:
     return normalize_dim([Factor(OTHER, size)])
 
 
@@ -102,7 +79,7 @@ class TokenAxis:
     """
 
     layout: Layout
-    grid: tuple[Any, Any, Any]
+    grid: tuple[int, int, int]
     origin: fx.Node
     segment: Segment | None = None
 
@@ -147,14 +124,14 @@ class TokenAxis:
         return self.origin is other.origin and self.segment == other.segment
 
 
-def regroup(layout: Layout, out_shape: Sequence[Any]) -> Layout | None:
+def regroup(layout: Layout, out_shape: Sequence[int]) -> Layout | None:
     """The layout after a reshape to `out_shape`, or None when it cuts a factor in a way that mixes
     tokens with other dims (or splits a joined sequence)."""
     queue = deque(normalize_dim([f for dim in layout for f in dim]))
     out: list[Dim] = []
     for size in out_shape:
-        need, group = _expr(size), []
-        while not size_eq(need, 1):
+        need, group = size, []
+        while need != 1:
             if not queue:
                 return None
             f = queue.popleft()

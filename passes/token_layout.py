@@ -13,8 +13,8 @@ tensor entering its block - found by walking up the dominator tree of the site's
 token tensors only) until a node also feeds something else (the residual add). Every token node
 then takes the layout of the latest anchor above it, so each anchor's output is converted once,
 shared by all its consumers: exactly one relayout per block boundary. An op that cannot run in a
-permuted layout (it mixes or slices tokens, indexes them with a tensor, reads a size, has symbolic
-shape arguments) is *blocking*: it gets the natural layout, and the report names it.
+permuted layout (it mixes or slices tokens, indexes them with a tensor, reads a size, has shape
+arguments computed in the graph) is *blocking*: it gets the natural layout, and the report names it.
 
 With a process group of S ranks (`OSPConfig(sequence_parallel="ssp" | "ulysses")`), the layouts
 are sharded: ``ssp`` runs sparse sites on whole subsequences held locally (their switch is one
@@ -37,7 +37,7 @@ from osp_compile.report import PassReport
 from osp_compile.skiparse_layout import packed_attention_pairs, subsequence_tokens
 from osp_compile.token_layouts import FOLDED, check_world, local_tokens
 from .analysis import _ELEMENTWISE, _LINEAR, _NORMS, _PERMUTES, _REDUCTIONS, _SPLITS, TokenAxis, _kind_of
-from .fx_utils import call_args, downstream, hint, is_sdpa, meta_value, normalize_dim, sdpa_args, shape_of
+from .fx_utils import call_args, downstream, is_sdpa, meta_value, normalize_dim, sdpa_args, shape_of
 
 _SIZED = {"view", "reshape", "expand", "broadcast_to"}
 
@@ -78,7 +78,7 @@ class _Rewriter:
         an = ctx.analysis
         self.sites = [s for s in an.video_sites if s.node.graph is self.g]
         self.site_nodes = {s.node for s in self.sites}
-        self.grid = tuple(hint(x) for x in self.sites[0].grid)
+        self.grid = tuple(self.sites[0].grid)
         self.tokens_total = self.grid[0] * self.grid[1] * self.grid[2]
         live = set(self.g.nodes)
         self.dim: dict[fx.Node, int] = {}
@@ -208,8 +208,8 @@ class _Rewriter:
         if n in self.site_nodes or is_sdpa(n):
             return None
         shape = self.shape[n]
-        if shape is not None and hint(shape[d]) != self.tokens_total:
-            return f"its token dim ({d}) holds {hint(shape[d])} rows, not the {self.tokens_total} tokens alone"
+        if shape is not None and shape[d] != self.tokens_total:
+            return f"its token dim ({d}) holds {shape[d]} rows, not the {self.tokens_total} tokens alone"
         if kind in _SIZED:
             sizes = self._sizes(n)
             if sizes is None or len(sizes) != len(self.shape[n]) or not all(isinstance(v, int) for v in sizes):
@@ -263,7 +263,7 @@ class _Rewriter:
                 self.converted[key] = self._relayout_node(m, self.dim[m], src, label)
             self.relayouts.append(self.converted[key])
             shape, item = self.shape[m], meta_value(m).element_size()
-            self.converted[key].meta["osp_relayout"] = {"src": src, "dst": label, "shape": tuple(hint(s) for s in shape),
+            self.converted[key].meta["osp_relayout"] = {"src": src, "dst": label, "shape": tuple(shape),
                                                         "itemsize": item, "site": site}
         return self.converted[key]
 
@@ -355,7 +355,7 @@ class _Rewriter:
                             subsequences=False)
                 pattern = "full" if site.layout == "full" else site.layout
                 new = self.g.call_function(ulysses_attention, (q, k, v, self.sp.world, self.sp.group, pattern, t, h, w, self.p), kw)
-                new.meta["osp_ulysses"] = {"shape": tuple(hint(s) for s in shape_of(n)), "itemsize": meta_value(n).element_size(),
+                new.meta["osp_ulysses"] = {"shape": shape_of(n), "itemsize": meta_value(n).element_size(),
                                            "site": site.index}
         new.meta.update({k_: v_ for k_, v_ in n.meta.items() if k_ not in new.meta})
         n.replace_all_uses_with(new)

@@ -111,6 +111,25 @@ def test_backend_without_site_total_refuses_split_sites():
         torch.compile(model, backend="osp", options=options)(torch.randn(1, 3, 2, 12, 12))
 
 
+def test_analysis_refuses_a_symbolic_graph_that_static_shapes_did_not_see():
+    """Every pass after static_shapes works with int sizes: the analysis run alone on a graph
+    captured with symbolic sizes stops with an error naming the node and the fix."""
+    from osp_compile.errors import OSPAnalysisError
+    from passes.analysis import analyse
+
+    seen = {}
+
+    def analysing(gm, example_inputs):
+        with pytest.raises(OSPAnalysisError) as info:
+            analyse(gm)
+        seen["error"] = str(info.value)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda x: x.view(x.shape[0], -1).softmax(-1), backend=analysing, dynamic=True)(torch.randn(2, 3, 4))
+    assert "symbolic size" in seen["error"] and "static_shapes_pass" in seen["error"], seen
+
+
 def test_report_of_a_compile_whose_graphs_dynamo_reused():
     """Dynamo tells backends apart by their options' contents: a second torch.compile of the model
     with equal options runs the first one's graphs, so its report is the first session's; options
