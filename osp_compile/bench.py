@@ -1,7 +1,9 @@
 """Single-device speed of one denoising step: dense vs OSP, measured side by side in one process.
 
 One step = one forward of the transformer (bf16, random weights) at a named resolution, 81 frames
-(`frames` sets fewer for a quick run; the goals are set at 81).
+(`frames` sets fewer for a quick run; the goals are set at 81). The model is a reference preset, or
+``cogvideox-5b``: diffusers' CogVideoX at CogVideoX-5B's shape (480x720, 49 frames), whose joint
+text+video attention the passes find in a model written by someone else.
 Variants: dense eager; dense under torch.compile (Inductor) - the fair baseline; OSP via
 `convert()` (Dynamo graph, eager kernels); OSP via ``torch.compile(backend="osp")`` (Inductor);
 OSP + ``quant="hif8-infer"`` (when its kernels exist for the device; ``osp-hif8-fast`` with
@@ -117,6 +119,72 @@ def build(preset: str, layers: int | None, device: str, dtype: torch.dtype, seed
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=gen)
     return model.to(dtype).eval()
+
+
+@dataclass
+class Workload:
+    """What a run times: a model, one step's inputs, its token grid and how many blocks it has."""
+
+    model: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    grid: tuple[int, int, int]
+    layers: int
+    layer_reduced: bool
+
+
+def reference_workload(preset: str, resolution: str, layers: int | None, frames: int, device: str,
+                       dtype: torch.dtype) -> Workload:
+    from reference_model import PRESETS, latent_shape, make_inputs, token_grid
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join([*PRESETS, *THIRD_PARTY])}")
+    cfg = PRESETS[preset]
+    model = build(preset, layers, device, dtype)
+    args, kwargs = make_inputs(cfg, resolution=resolution, frames=frames, device=device, dtype=dtype)
+    total = layers or cfg.num_layers
+    return Workload(model, args, kwargs, token_grid(cfg, latent_shape(resolution, frames)), total, total != cfg.num_layers)
+
+
+COGVIDEOX_5B_RESOLUTIONS = {"480p": (480, 720)}
+"""CogVideoX-5B's own resolution (its pipeline's default), not Wan's 480x832."""
+
+
+def cogvideox_5b_workload(resolution: str, layers: int | None, frames: int, device: str,
+                          dtype: torch.dtype) -> Workload:
+    """diffusers' CogVideoXTransformer3DModel at CogVideoX-5B's shape (42 blocks, 48 heads of 64, 226
+    text tokens, 3-D RoPE precomputed as its pipeline does), random weights initialised on the
+    device: joint text+video attention (`osp::skiparse_joint_attention`) in a third-party model."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    if resolution not in COGVIDEOX_5B_RESOLUTIONS:
+        raise ValueError(f"cogvideox-5b runs at {', '.join(COGVIDEOX_5B_RESOLUTIONS)} (480x720), got {resolution!r}")
+    if (frames - 1) % 4:
+        raise ValueError(f"frames={frames}: CogVideoX's VAE takes 4n + 1 frames (49 is its default)")
+    height, width = COGVIDEOX_5B_RESOLUTIONS[resolution]
+    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    grid = (latent[0], latent[1] // 2, latent[2] // 2)
+    total = layers or 42
+    with torch.device(device):
+        model = CogVideoXTransformer3DModel(
+            num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+            text_embed_dim=4096, num_layers=total, sample_frames=49, sample_height=60, sample_width=90,
+            use_rotary_positional_embeddings=True)
+    model = model.to(dtype).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    cos, sin = get_3d_rotary_pos_embed(64, crops_coords=((0, 0), grid[1:]), grid_size=grid[1:], temporal_size=grid[0],
+                                       device=device)
+    args = (torch.randn(1, latent[0], 16, *latent[1:], device=device, dtype=dtype, generator=gen),)
+    kwargs = {"encoder_hidden_states": torch.randn(1, 226, 4096, device=device, dtype=dtype, generator=gen),
+              "timestep": torch.tensor([437], device=device), "image_rotary_emb": (cos, sin), "return_dict": False}
+    return Workload(model, args, kwargs, grid, total, total != 42)
+
+
+THIRD_PARTY = {"cogvideox-5b": cogvideox_5b_workload}
+"""Benchmarkable models beyond the reference presets (their packages must be installed)."""
+DEFAULT_FRAMES = {"cogvideox-5b": 49}
+"""Frames of a step where a model's own default is not the reference presets' 81."""
 
 
 def full_blocks_for(total: int, preset: str, requested: int | None) -> int:
@@ -376,7 +444,7 @@ def _interleaved_rounds(live: dict[str, tuple[Row, Callable]], timer: Callable, 
 def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None = None, num_full_blocks: int | None = None,
         sparse_ratio: int = 2, variants=DEFAULT_VARIANTS, warmup: int = 2, iters: int = 5, device: str = "cuda",
         profile: bool = True, progress: bool = True, partial_json: str | None = None, rounds: int = 1,
-        frames: int = 81) -> dict:
+        frames: int | None = None) -> dict:
     """One step of each variant, side by side (see the module docstring). ``partial_json``: rewrite
     this file after every variant with the rows so far, so that a run cut short keeps them.
 
@@ -394,25 +462,24 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
     if rounds > 1 and any(v in ABLATIONS for v in variants):
         raise ValueError(f"rounds={rounds}: the ablations ({', '.join(v for v in variants if v in ABLATIONS)}) patch "
                          "code while they run and cannot be interleaved; time them with rounds=1")
-    from reference_model import PRESETS, make_inputs, token_grid, latent_shape
-
     from . import OSPConfig, convert
     from .backend import osp_backend
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = PRESETS[preset]
-    total = layers or cfg.num_layers
+    frames = frames or DEFAULT_FRAMES.get(preset, 81)
+    if preset in THIRD_PARTY:
+        work = THIRD_PARTY[preset](resolution, layers, frames, device, dtype)
+    else:
+        work = reference_workload(preset, resolution, layers, frames, device, dtype)
+    model, args, kwargs, grid, total = work.model, work.args, work.kwargs, work.grid, work.layers
     full = full_blocks_for(total, preset, num_full_blocks)
-    model = build(preset, layers, device, dtype)
-    args, kwargs = make_inputs(cfg, resolution=resolution, frames=frames, device=device, dtype=dtype)
-    grid = token_grid(cfg, latent_shape(resolution, frames))
     config = OSPConfig(sparse_ratio=sparse_ratio, layout="dual_end", num_full_blocks=full)
     timer = step_timer(device)
     setup = {  # what every result (and a partial one) says about the run
         "preset": preset, "resolution": resolution, "frames": frames, "layers": total, "full_blocks": full, "sparse_ratio": sparse_ratio,
         "grid": grid, "tokens": grid[0] * grid[1] * grid[2], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": str(dtype), "warmup": warmup, "iters": iters, "rounds": rounds,
-        "layer_reduced": layers is not None and layers != cfg.num_layers,
+        "layer_reduced": work.layer_reduced,
     }
     rows: list[Row] = []
 

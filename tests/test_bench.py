@@ -1,5 +1,7 @@
 """`osp-compile bench` pieces that run without a GPU: the GPU-state summary read from nvidia-smi's
 output, and the printed table (the timings themselves need CUDA: BENCHMARKS.md)."""
+import torch
+
 from osp_compile import bench
 
 
@@ -124,6 +126,28 @@ def test_rounds_run_compiled_variants_side_by_side_and_refuse_ablations():
         bench.run("tiny", variants=["dense-eager", "osp-no-relayout"], device="cpu", rounds=2)
     with pytest.raises(ValueError, match="at least 1"):
         bench.run("tiny", device="cpu", rounds=0)
+
+
+def test_cogvideox_5b_shape_runs_through_the_bench_with_its_joint_attention_sparse():
+    """The third-party workload: diffusers' CogVideoX at CogVideoX-5B's width (48 heads of 64, 226
+    text tokens), 1 block, one latent frame on CPU. The block sparse: its joint attention became
+    `osp::skiparse_joint_attention` (convert's report), and the step ran."""
+    import pytest
+
+    pytest.importorskip("diffusers")
+    result = bench.run("cogvideox-5b", "480p", layers=1, num_full_blocks=0, variants=["dense-eager", "osp-convert"],
+                       warmup=0, iters=1, device="cpu", profile=False, progress=False, frames=1)
+    assert tuple(result["grid"]) == (1, 30, 45) and result["layers"] == 1 and result["layer_reduced"]
+    assert all(r["median_ms"] and not r["note"] for r in result["rows"]), result["rows"]
+    work = bench.cogvideox_5b_workload("480p", 1, 1, "cpu", torch.float32)
+    from osp_compile import OSPConfig, convert
+
+    report = convert(work.model, work.args, work.kwargs, OSPConfig(num_full_blocks=0)).osp_report
+    assert [(s.kind, s.layout) for s in report.video_sites] == [("joint", "token")]
+    with pytest.raises(ValueError, match="480x720"):
+        bench.cogvideox_5b_workload("720p", 1, 1, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="unknown preset 'cogvideox': use one of tiny, .*cogvideox-5b"):
+        bench.run("cogvideox", device="cpu")
 
 
 def test_table_of_interleaved_rounds_gives_each_rounds_ratio():
