@@ -123,11 +123,12 @@ def build(preset: str, layers: int | None, device: str, dtype: torch.dtype, seed
 
 @dataclass
 class Workload:
-    """What a run times: a model, one step's inputs, its token grid and how many blocks it has."""
+    """What a run times: a model, one step's inputs, its frames, token grid and how many blocks it has."""
 
     model: torch.nn.Module
     args: tuple
     kwargs: dict
+    frames: int
     grid: tuple[int, int, int]
     layers: int
     layer_reduced: bool
@@ -143,7 +144,8 @@ def reference_workload(preset: str, resolution: str, layers: int | None, frames:
     model = build(preset, layers, device, dtype)
     args, kwargs = make_inputs(cfg, resolution=resolution, frames=frames, device=device, dtype=dtype)
     total = layers or cfg.num_layers
-    return Workload(model, args, kwargs, token_grid(cfg, latent_shape(resolution, frames)), total, total != cfg.num_layers)
+    return Workload(model, args, kwargs, frames, token_grid(cfg, latent_shape(resolution, frames)), total,
+                    total != cfg.num_layers)
 
 
 COGVIDEOX_5B_RESOLUTIONS = {"480p": (480, 720)}
@@ -178,13 +180,22 @@ def cogvideox_5b_workload(resolution: str, layers: int | None, frames: int, devi
     args = (torch.randn(1, latent[0], 16, *latent[1:], device=device, dtype=dtype, generator=gen),)
     kwargs = {"encoder_hidden_states": torch.randn(1, 226, 4096, device=device, dtype=dtype, generator=gen),
               "timestep": torch.tensor([437], device=device), "image_rotary_emb": (cos, sin), "return_dict": False}
-    return Workload(model, args, kwargs, grid, total, total != 42)
+    return Workload(model, args, kwargs, frames, grid, total, total != 42)
 
 
 THIRD_PARTY = {"cogvideox-5b": cogvideox_5b_workload}
 """Benchmarkable models beyond the reference presets (their packages must be installed)."""
 DEFAULT_FRAMES = {"cogvideox-5b": 49}
 """Frames of a step where a model's own default is not the reference presets' 81."""
+
+
+def workload(preset: str, resolution: str, layers: int | None, frames: int | None, device: str,
+             dtype: torch.dtype) -> Workload:
+    """The model a run times: a reference preset or a `THIRD_PARTY` one (``frames`` None: its default)."""
+    frames = frames or DEFAULT_FRAMES.get(preset, 81)
+    if preset in THIRD_PARTY:
+        return THIRD_PARTY[preset](resolution, layers, frames, device, dtype)
+    return reference_workload(preset, resolution, layers, frames, device, dtype)
 
 
 def full_blocks_for(total: int, preset: str, requested: int | None) -> int:
@@ -466,12 +477,8 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
     from .backend import osp_backend
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    frames = frames or DEFAULT_FRAMES.get(preset, 81)
-    if preset in THIRD_PARTY:
-        work = THIRD_PARTY[preset](resolution, layers, frames, device, dtype)
-    else:
-        work = reference_workload(preset, resolution, layers, frames, device, dtype)
-    model, args, kwargs, grid, total = work.model, work.args, work.kwargs, work.grid, work.layers
+    work = workload(preset, resolution, layers, frames, device, dtype)
+    model, args, kwargs, grid, total, frames = work.model, work.args, work.kwargs, work.grid, work.layers, work.frames
     full = full_blocks_for(total, preset, num_full_blocks)
     config = OSPConfig(sparse_ratio=sparse_ratio, layout="dual_end", num_full_blocks=full)
     timer = step_timer(device)

@@ -88,7 +88,7 @@ def _class_key_mask(key_mask: torch.Tensor | None, batch: int, keys: torch.Tenso
     if key_mask is None:
         return None
     start, count, n = span
-    cols = key_mask.index_select(-1, keys.to(key_mask.device).narrow(0, start, count * n))
+    cols = key_mask.index_select(-1, keys.narrow(0, start, count * n))
     return _class_view(cols.expand(batch, *cols.shape[1:]).transpose(-1, -2), 0, count, n).transpose(-1, -2)
 
 

@@ -62,9 +62,8 @@ def main() -> None:
     ap.add_argument("--cpu-ops", action="store_true", help="also print each variant's host-side time per op")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
-    frames = a.frames or bench.DEFAULT_FRAMES.get(a.preset, 81)
-    build = bench.THIRD_PARTY.get(a.preset) or functools.partial(bench.reference_workload, a.preset)
-    work = build(a.resolution, a.layers, frames, a.device, dtype)
+    work = bench.workload(a.preset, a.resolution, a.layers, a.frames, a.device, dtype)
+    frames = work.frames
     full = bench.full_blocks_for(work.layers, a.preset, None)
     now, before, patch = EXPERIMENTS[a.ab]
     variants = {"dense-inductor": None, now: contextlib.nullcontext, before: patch}
