@@ -66,12 +66,6 @@ _lib.define(
 )
 
 
-def _packed_classes(T, H, W, P, pattern, rank, world) -> tuple:
-    """(token offset, subsequences, length) of each length class of this rank's packed subsequences."""
-    mine = owned_subsequences(P, world, rank)
-    return real_length_classes((int(T), int(H), int(W)), P, pattern, mine.start, len(mine))
-
-
 def _class_view(t, offset, count, n):
     """A class's rows of packed `t` [B, h, tokens, D] as one dense batch [B*count, h, n, D] (a view)."""
     return t.narrow(-2, offset, count * n).unflatten(-2, (count, n)).movedim(-3, 1).flatten(0, 1)
@@ -80,7 +74,8 @@ def _class_view(t, offset, count, n):
 def _length_classes(q, k, v, T, H, W, P, pattern, rank, world):
     """Per length class of this rank's packed subsequences: (q, k, v) as [B*count, heads, n, D] views
     of their rows (subsequences of equal length as one dense batch: no mask, no padding, no copy)."""
-    for cls in _packed_classes(T, H, W, P, pattern, rank, world):
+    mine = owned_subsequences(P, world, rank)
+    for cls in real_length_classes((int(T), int(H), int(W)), P, pattern, mine.start, len(mine)):
         yield _class_view(q, *cls), _class_view(k, *cls), _class_view(v, *cls)
 
 
