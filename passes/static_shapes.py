@@ -46,12 +46,17 @@ def _symbolic_sizes(value) -> list[torch.SymInt]:
     return []
 
 
+def _symbolic_layout(value) -> bool:
+    """A tensor whose shape or strides hold a symbolic size."""
+    return isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in (*value.shape, *value.stride()))
+
+
 def _static(value):
     """An example value with every symbolic size replaced by its (guarded) constant."""
     if isinstance(value, _SYMBOLIC):
         return _concrete(value)
     if isinstance(value, torch.Tensor):
-        if not any(isinstance(s, torch.SymInt) for s in (*value.shape, *value.stride())):
+        if not _symbolic_layout(value):
             return value
         with value.fake_mode:
             out = torch.empty_strided([int(s) for s in value.shape], [int(s) for s in value.stride()],
@@ -108,8 +113,7 @@ def require_static_sizes(gm: fx.GraphModule) -> None:
     (passes run without this one first) stops here, naming the node, instead of failing later."""
     for node in gm.graph.nodes:
         value = meta_value(node)
-        if isinstance(value, _SYMBOLIC) or (isinstance(value, torch.Tensor) and any(
-                isinstance(s, torch.SymInt) for s in value.shape)):
+        if isinstance(value, _SYMBOLIC) or _symbolic_layout(value):
             raise OSPAnalysisError(
                 f"node '{node.name}' has a symbolic size ({value if isinstance(value, _SYMBOLIC) else value.shape}): "
                 f"the OSP passes need the static sizes of one call. Run passes.static_shapes.static_shapes_pass "
