@@ -2,7 +2,8 @@
 
 One step = one forward of the transformer (bf16, random weights) at a named resolution, 81 frames
 (`frames` sets fewer for a quick run; the goals are set at 81). The model is a reference preset, or
-``cogvideox-5b``: diffusers' CogVideoX at CogVideoX-5B's shape (480x720, 49 frames), whose joint
+``cogvideox-5b`` / ``hunyuanvideo``: diffusers' CogVideoX at CogVideoX-5B's shape (480x720, 49
+frames) or HunyuanVideo at its own (720x1280 or 544x960, 129 frames), whose joint
 text+video attention the passes find in a model written by someone else.
 Variants: dense eager; dense under torch.compile (Inductor) - the fair baseline; OSP via
 `convert()` (Dynamo graph, eager kernels); OSP via ``torch.compile(backend="osp")`` (Inductor);
@@ -183,9 +184,60 @@ def cogvideox_5b_workload(resolution: str, layers: int | None, frames: int, devi
     return Workload(model, args, kwargs, frames, grid, total, total != 42)
 
 
-THIRD_PARTY = {"cogvideox-5b": cogvideox_5b_workload}
+HUNYUANVIDEO_RESOLUTIONS = {"720p": (720, 1280), "544p": (544, 960)}
+"""HunyuanVideo's own two resolutions (its pipeline's default is 720x1280)."""
+HUNYUANVIDEO_TEXT, HUNYUANVIDEO_PROMPT = 256, 128
+"""Text tokens of a step (the pipeline pads every prompt to 256) and how many of them are the
+prompt: the rest is padding, masked by the model's key mask as in a real step."""
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build a model directly in `dtype`: a 13B model built in float32 first would need 52 GB."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def hunyuanvideo_workload(resolution: str, layers: int | None, frames: int, device: str,
+                          dtype: torch.dtype) -> Workload:
+    """diffusers' HunyuanVideoTransformer3DModel at HunyuanVideo's shape (20 double-stream and 40
+    single-stream blocks, 24 heads of 128, 256 text tokens of which the last 128 are masked padding),
+    random weights initialised on the device. A joint text+video attention with the video *first*
+    and a key mask: the other joint form `osp::skiparse_joint_attention` covers. ``layers`` keeps
+    the double:single ratio (1:2)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    if resolution not in HUNYUANVIDEO_RESOLUTIONS:
+        raise ValueError(f"hunyuanvideo runs at {', '.join(HUNYUANVIDEO_RESOLUTIONS)} (720x1280, 544x960), "
+                         f"got {resolution!r}")
+    if (frames - 1) % 4:
+        raise ValueError(f"frames={frames}: HunyuanVideo's VAE takes 4n + 1 frames (129 is its default)")
+    height, width = HUNYUANVIDEO_RESOLUTIONS[resolution]
+    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    grid = (latent[0], latent[1] // 2, latent[2] // 2)
+    total = layers or 60
+    double = max(1, round(total / 3))
+    with torch.device(device), _default_dtype(dtype):
+        model = HunyuanVideoTransformer3DModel(num_layers=double, num_single_layers=total - double).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    mask = torch.zeros(1, HUNYUANVIDEO_TEXT, device=device, dtype=torch.bool)
+    mask[:, :HUNYUANVIDEO_PROMPT] = True
+    args = (torch.randn(1, 16, *latent, device=device, dtype=dtype, generator=gen),)
+    kwargs = {"timestep": torch.tensor([437], device=device),
+              "encoder_hidden_states": torch.randn(1, HUNYUANVIDEO_TEXT, 4096, device=device, dtype=dtype, generator=gen),
+              "encoder_attention_mask": mask,
+              "pooled_projections": torch.randn(1, 768, device=device, dtype=dtype, generator=gen),
+              "guidance": torch.tensor([6000.0], device=device, dtype=dtype), "return_dict": False}
+    return Workload(model, args, kwargs, frames, grid, total, total != 60)
+
+
+THIRD_PARTY = {"cogvideox-5b": cogvideox_5b_workload, "hunyuanvideo": hunyuanvideo_workload}
 """Benchmarkable models beyond the reference presets (their packages must be installed)."""
-DEFAULT_FRAMES = {"cogvideox-5b": 49}
+DEFAULT_FRAMES = {"cogvideox-5b": 49, "hunyuanvideo": 129}
 """Frames of a step where a model's own default is not the reference presets' 81."""
 
 

@@ -1,5 +1,6 @@
 """`osp-compile bench` pieces that run without a GPU: the GPU-state summary read from nvidia-smi's
 output, and the printed table (the timings themselves need CUDA: BENCHMARKS.md)."""
+import pytest
 import torch
 
 from osp_compile import bench
@@ -65,7 +66,6 @@ def test_prequantized_activations_replay_the_first_step_in_call_order():
     """The ``osp-hif8-no-actquant`` ablation: the first step quantizes as usual; later steps get
     its E4M3 activations back call by call without reading x (a NaN x changes nothing); a step
     that calls the linears in another order is refused; outside the context x is quantized again."""
-    import pytest
     import torch
 
     from osp_compile.hif8 import fp8, inference
@@ -114,8 +114,6 @@ def test_interleaved_rounds_alternate_the_order_and_keep_each_rounds_median():
 
 
 def test_rounds_run_compiled_variants_side_by_side_and_refuse_ablations():
-    import pytest
-
     result = bench.run("tiny", "480p", layers=2, num_full_blocks=0, variants=["dense-eager", "osp-convert"], warmup=0,
                        iters=1, device="cpu", profile=False, progress=False, rounds=2, frames=1)
     assert tuple(result["grid"]) == (1, 30, 52)
@@ -128,25 +126,36 @@ def test_rounds_run_compiled_variants_side_by_side_and_refuse_ablations():
         bench.run("tiny", device="cpu", rounds=0)
 
 
-def test_cogvideox_5b_shape_runs_through_the_bench_with_its_joint_attention_sparse():
-    """The third-party workload: diffusers' CogVideoX at CogVideoX-5B's width (48 heads of 64, 226
-    text tokens), 1 block, one latent frame on CPU. The block sparse: its joint attention became
-    `osp::skiparse_joint_attention` (convert's report), and the step ran."""
-    import pytest
-
+@pytest.mark.parametrize("preset, resolution, layers, grid, sites, wrong", [
+    ("cogvideox-5b", "480p", 1, (1, 30, 45), [("joint", "token")], "720p"),
+    ("hunyuanvideo", "544p", 2, (1, 34, 60), [("joint", "token"), ("joint", "group")], "480p"),
+])
+def test_third_party_shapes_run_through_the_bench_with_their_joint_attention_sparse(preset, resolution, layers, grid,
+                                                                                  sites, wrong):
+    """The third-party workloads at their real widths: diffusers' CogVideoX at CogVideoX-5B's (48
+    heads of 64, 226 text tokens, text first) and HunyuanVideo (24 heads of 128, 256 text tokens
+    half of them masked, video first; one double- and one single-stream block), one latent frame
+    on CPU. Every block sparse: its joint attention became `osp::skiparse_joint_attention`
+    (convert's report) and the step ran. Bad resolutions and frame counts get clear errors."""
     pytest.importorskip("diffusers")
-    result = bench.run("cogvideox-5b", "480p", layers=1, num_full_blocks=0, variants=["dense-eager", "osp-convert"],
+    result = bench.run(preset, resolution, layers=layers, num_full_blocks=0, variants=["dense-eager", "osp-convert"],
                        warmup=0, iters=1, device="cpu", profile=False, progress=False, frames=1)
-    assert tuple(result["grid"]) == (1, 30, 45) and result["layers"] == 1 and result["layer_reduced"]
+    assert tuple(result["grid"]) == grid and result["layers"] == layers and result["layer_reduced"]
     assert all(r["median_ms"] and not r["note"] for r in result["rows"]), result["rows"]
-    work = bench.cogvideox_5b_workload("480p", 1, 1, "cpu", torch.float32)
+    work = bench.THIRD_PARTY[preset](resolution, layers, 1, "cpu", torch.float32)
+    assert {p.dtype for p in work.model.parameters()} == {torch.float32}
     from osp_compile import OSPConfig, convert
 
     report = convert(work.model, work.args, work.kwargs, OSPConfig(num_full_blocks=0)).osp_report
-    assert [(s.kind, s.layout) for s in report.video_sites] == [("joint", "token")]
-    with pytest.raises(ValueError, match="480x720"):
-        bench.cogvideox_5b_workload("720p", 1, 1, "cpu", torch.float32)
-    with pytest.raises(ValueError, match="unknown preset 'cogvideox': use one of tiny, .*cogvideox-5b"):
+    assert [(s.kind, s.layout) for s in report.video_sites] == sites
+    with pytest.raises(ValueError, match=f"{preset} runs at .*got '{wrong}'"):
+        bench.THIRD_PARTY[preset](wrong, 1, 1, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="4n \\+ 1 frames"):
+        bench.THIRD_PARTY[preset](resolution, 1, 2, "cpu", torch.float32)
+
+
+def test_an_unknown_preset_is_named_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown preset 'cogvideox': use one of tiny, .*cogvideox-5b, hunyuanvideo"):
         bench.run("cogvideox", device="cpu")
 
 

@@ -8,11 +8,13 @@ from ..bench import DEFAULT_VARIANTS, VARIANT_HELP
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="wan-1.3b",
-                   help="reference preset: tiny, wan-1.3b, wan-14b; or cogvideox-5b (diffusers' CogVideoX at "
-                        "CogVideoX-5B's shape, random weights; needs diffusers)")
-    p.add_argument("--resolution", default="480p", help="480p, 720p or 768p (cogvideox-5b: 480p, i.e. 480x720)")
+                   help="reference preset: tiny, wan-1.3b, wan-14b; or cogvideox-5b / hunyuanvideo (diffusers' "
+                        "CogVideoX at CogVideoX-5B's shape / HunyuanVideo at its own, random weights; needs diffusers)")
+    p.add_argument("--resolution", default="480p", help="480p, 720p or 768p (cogvideox-5b: 480p, i.e. 480x720; hunyuanvideo: 720p "
+                                                          "or 544p, i.e. 720x1280 or 544x960)")
     p.add_argument("--frames", type=int, default=None,
-                   help="video frames, 4n + 1; unset: 81 (the goals' setting), 49 for cogvideox-5b")
+                   help="video frames, 4n + 1; unset: 81 (the goals' setting), 49 for cogvideox-5b, 129 "
+                        "for hunyuanvideo")
     p.add_argument("--layers", type=int, default=None, help="layer-reduced model (the table says so)")
     p.add_argument("--num-full-blocks", type=int, default=None, help="default: the paper's 14B ratio, 8 of 40")
     p.add_argument("--sparse-ratio", type=int, default=2, help="P: P*P subsequences per frame grid")
