@@ -33,7 +33,8 @@ class OSPConfig:
         dense and says so in the report.
     quant: None, ``hif8`` (quantization-aware training linears) or ``hif8-infer`` (HiF8 weights).
     quant_exclude: parameter-name patterns (fnmatch) of linears to keep in high precision; None
-        keeps the default (patch embedding, timestep/text embedding MLPs, output head).
+        keeps the default (patch embedding, timestep/text embedding MLPs, output head, and every
+        linear fed one row per sample: adaLN modulation). A list replaces all of it.
     fp8_fast_accum: ``hif8-infer`` on CUDA FP8 tensor cores: accumulate with Hopper's fast FP8
         mode (``_scaled_mm(use_fast_accum=True)``, as torchao's float8 inference does). About 10%
         faster per GEMM; rel. error vs the QAT forward ~2e-3 instead of ~1e-4 (the HiF8

@@ -9,8 +9,13 @@ Which linears: every linear call the graph has (``F.linear``/``aten.linear``, or
 ``matmul``/``mm``/``addmm`` on a parameter; ``fx_utils.linear_calls``) whose weight name matches
 none of the exclude patterns (fnmatch on the parameter name).  The default patterns keep the
 patch embedding, the timestep / text embedding MLPs and the output head in high precision, as
-OSP-Next does, under the reference model's (Wan2.1) and diffusers' Wan names; a model that nests
-the DiT under a prefix needs its own ``OSPConfig.quant_exclude`` (which replaces the defaults).
+OSP-Next does, under the reference model's (Wan2.1) and diffusers' Wan, CogVideoX and HunyuanVideo
+names.  The defaults also keep every *per-sample* linear (one input row per sample: the adaLN
+modulation and conditioning MLPs that diffusers' blocks carry, under any name): they belong to the
+conditioning path the recipe leaves in high precision, and on one row FP8 saves nothing while its
+activation quantization adds launches (HunyuanVideo at 720P: 22 ms of a 2.2 s step with the GPU
+waiting on the host).  A model that nests the DiT under a prefix needs its own
+``OSPConfig.quant_exclude``, which replaces the defaults, the per-sample rule included.
 A weight that is not a parameter (computed in the graph) is left alone: it has no name to match
 and, for inference, nothing to store.  The report has one row per linear with the decision.
 
@@ -28,6 +33,7 @@ the same arguments.  The report's rows then carry each linear's ``sp`` role.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +51,10 @@ DEFAULT_EXCLUDE = (
     "condition_embedder*",  # diffusers Wan: time/text/image embedders and time_proj
     "head*",  # Wan2.1 output head
     "proj_out*",  # diffusers Wan output projection
+    "patch_embed*",  # diffusers CogVideoX: the patchifier and its text projection
+    "context_embedder*",  # diffusers HunyuanVideo: the text token refiner
 )
+PER_SAMPLE = "kept: per-sample conditioning (one row per sample)"
 
 STORE_NAME = "osp_hif8"
 _TRANSPOSED_FORMS = ("matmul", "mm", "addmm")  # x @ W: the weight is stored [in, out]
@@ -53,8 +62,9 @@ _HIF8_FORMS = ("hif8_qat_linear", "hif8_linear")
 _META_KEYS = ("example_value", "nn_module_stack", "stack_trace", "source_fn_stack")
 
 
-def _decision(call: dict, patterns: list[str]) -> str | None:
-    """Why a linear is left alone, or None to quantize it."""
+def _decision(call: dict, patterns: list[str], batch: int | None) -> str | None:
+    """Why a linear is left alone, or None to quantize it. ``batch``: the video's batch when the
+    per-sample rule applies (the default patterns and a graph with video attention), else None."""
     if call["form"] in _HIF8_FORMS:
         return "kept: already HiF8"
     if call["fqn"] is None:
@@ -62,6 +72,9 @@ def _decision(call: dict, patterns: list[str]) -> str | None:
     for p in patterns:
         if fnmatch.fnmatchcase(call["fqn"], p):
             return f"excluded by pattern {p!r}"
+    shape = shape_of(call["input"])
+    if batch is not None and shape and math.prod(shape[:-1]) <= batch:
+        return PER_SAMPLE
     if call["form"] == "addmm" and (call["node"].kwargs.get("beta", 1) != 1 or call["node"].kwargs.get("alpha", 1) != 1):
         return "kept: addmm with alpha/beta"
     return None
@@ -172,7 +185,10 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
     """Replace each chosen linear by ``osp::hif8_qat_linear`` or ``osp::hif8_linear``."""
     infer = ctx.config.quant == "hif8-infer"
     sp = _sp_roles(gm, ctx)
-    patterns = list(ctx.config.quant_exclude) if ctx.config.quant_exclude is not None else list(DEFAULT_EXCLUDE)
+    defaults = ctx.config.quant_exclude is None
+    patterns = list(DEFAULT_EXCLUDE) if defaults else list(ctx.config.quant_exclude)
+    sites = ctx.analysis.layout_sites if ctx.analysis is not None else []
+    batch = max(s.batch for s in sites) if defaults and sites else None
     g = gm.graph
     store = None
     if infer:
@@ -186,7 +202,7 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
     for call in linear_calls(gm):
         node, weight, fqn = call["node"], call["weight"], call["fqn"]
         x = replaced.get(call["input"], call["input"])
-        why = _decision(call, patterns)
+        why = _decision(call, patterns, batch)
         transposed = call["form"] in _TRANSPOSED_FORMS
         rows.append({"linear": fqn or f"(node {node.name})", "form": call["form"], "shape": shape_of(weight),
                      "decision": why or ("quantized: HiF8 codes" if infer else "quantized: HiF8 QAT")})
@@ -220,10 +236,11 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
     gm.recompile()
     done = sum(r["decision"].startswith("quantized") for r in rows)
     excluded = sum(r["decision"].startswith("excluded") for r in rows)
+    per_sample = sum(r["decision"] == PER_SAMPLE for r in rows)
     what = "HiF8 weight codes + on-the-fly activation quantization" if infer else "HiF8 QAT (x, W: scale_max 15; grad: 224)"
     return gm, PassReport(
         "hif8_linear",
-        f"{done} of {len(rows)} linear(s) quantized ({what}); {excluded} excluded by pattern, "
-        f"{len(rows) - done - excluded} kept",
+        f"{done} of {len(rows)} linear(s) quantized ({what}); {excluded} excluded by pattern, {per_sample} "
+        f"per-sample conditioning, {len(rows) - done - excluded - per_sample} kept otherwise",
         rows,
     )

@@ -144,6 +144,36 @@ def test_backend_inductor_inference_equals_convert():
         "proj.weight", "proj.weight_scale", "w_mm", "w_mm_scale", "w_addmm", "w_addmm_scale"}  # head* excluded
 
 
+@pytest.mark.parametrize("name, per_sample", [
+    ("diffusers:CogVideoX", {"transformer_blocks.0.norm1.linear", "transformer_blocks.1.norm2.linear", "norm_out.linear"}),
+    ("diffusers:HunyuanVideo", {"transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear",
+                                "time_text_embed.timestep_embedder.linear_1"}),
+])
+def test_default_exclusions_keep_the_conditioning_path_of_diffusers_models(name, per_sample):
+    """The defaults keep diffusers' conditioning path in high precision: the embedders by name,
+    and every linear fed one row per sample (adaLN modulation, timestep MLPs) whatever its name;
+    the attention and FFN linears of the blocks are quantized. An explicit ``quant_exclude``
+    replaces the defaults, the per-sample rule included."""
+    pytest.importorskip("diffusers")
+    from osp_compile.models import load_example
+    from passes.hif8_linear import PER_SAMPLE
+
+    ex = load_example(name)
+
+    def decisions(**options):
+        converted = convert(ex.model, ex.args, ex.kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", **options))
+        return {r["linear"].removesuffix(".weight"): r["decision"] for r in hif8_rows(converted.osp_report)}
+
+    default = decisions()
+    assert {n for n, d in default.items() if d == PER_SAMPLE} >= per_sample
+    attention = [d for n, d in default.items() if ".attn" in n and n.startswith("transformer_blocks")]
+    embedders = [d for n, d in default.items() if n.startswith(("patch_embed", "context_embedder", "proj_out"))]
+    assert attention and all(d.startswith("quantized") for d in attention)
+    assert len(embedders) >= 2 and all(d.startswith("excluded by pattern") for d in embedders)
+    explicit = decisions(quant_exclude=["proj_out*"])
+    assert all(explicit[n].startswith("quantized") for n in per_sample)
+
+
 # ------------------------------------------------------------------- kernels
 
 def test_registered_kernels():
