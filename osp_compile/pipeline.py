@@ -89,16 +89,18 @@ GraphPass = Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, PassRe
 
 
 def default_passes(config: OSPConfig) -> list[GraphPass]:
-    """The pipeline for a config: static sizes, attention canonicalization, analysis, Skiparse, then the optional
-    passes in the order they compose (quantized linears first, LoRA adapters beside them; the
-    fusions into linears last, on the linears the others left plain)."""
+    """The pipeline for a config: static sizes, identity dropouts out, attention canonicalization, analysis,
+    Skiparse, then the optional passes in the order they compose (quantized linears first, LoRA
+    adapters beside them; the fusions into linears last, on the linears the others left plain)."""
     from passes.analysis import analysis_pass
     from passes.canonicalize_attention import canonicalize_attention_pass
+    from passes.identity_dropout import identity_dropout_pass
     from passes.skiparse import skiparse_pass
     from passes.static_shapes import static_shapes_pass
     from passes.token_layout import token_layout_pass
 
-    pipeline = [static_shapes_pass, canonicalize_attention_pass, analysis_pass, skiparse_pass, token_layout_pass]
+    pipeline = [static_shapes_pass, identity_dropout_pass, canonicalize_attention_pass, analysis_pass, skiparse_pass,
+                token_layout_pass]
     if config.quant is not None:
         from passes.hif8_linear import hif8_linear_pass
 

@@ -8,8 +8,11 @@ Experiments (``--ab``):
 * ``projection``: a packed sparse site's HiF8 output projection per length class
   (``passes/attention_projection.py``, ninth session) against the projection of the concatenated
   attention output (the pass patched to take plain linears only).
+* ``dropout``: ``passes/identity_dropout.py`` (dropouts that drop nothing removed, so that
+  diffusers' GELU + HiF8 linear pairs fuse) against the pipeline without it.
 
     python scripts/gpu_pass_ab.py --ab projection --layers 10 --rounds 6                 # 14B shape, 720P
+    python scripts/gpu_pass_ab.py --ab dropout --preset cogvideox-5b --resolution 480p --layers 42 --rounds 3
     python scripts/gpu_pass_ab.py --preset wan-1.3b --resolution 480p --layers 30 --cpu-ops
     python scripts/gpu_pass_ab.py --preset tiny --frames 5 --device cpu --rounds 2        # smoke test
 """
@@ -24,13 +27,17 @@ from unittest import mock
 import torch
 
 import passes.attention_projection as attention_projection
+import passes.identity_dropout as identity_dropout
 from osp_compile import bench
 from osp_compile.backend import osp_backend, report_for
-from osp_compile.report import format_table
+from osp_compile.report import PassReport, format_table
 
 EXPERIMENTS = {  # --ab -> (name of the pipeline's variant, name and patch of the variant before)
     "projection": ("hif8 projection per class", "hif8 projection on the concatenation",
                    lambda: mock.patch.object(attention_projection, "_PROJECTIONS", ("linear",))),
+    "dropout": ("dropouts removed", "dropouts kept",
+                lambda: mock.patch.object(identity_dropout, "identity_dropout_pass",
+                                          lambda gm, ctx: (gm, PassReport("identity_dropout", "off")))),
 }
 
 

@@ -84,6 +84,53 @@ def test_gelu_read_elsewhere_is_left_alone():
     assert len(_rows(report, "hif8_linear")) == 2 and _rows(report, "gelu_hif8_linear") == []
 
 
+class _DropoutFFN(torch.nn.Module):
+    """diffusers' FeedForward: up, GELU, dropout, down (each a real nn.Dropout, as diffusers builds them)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.up, self.drop, self.down = torch.nn.Linear(32, 64), torch.nn.Dropout(p), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.down(self.drop(F.gelu(self.up(x), approximate="tanh")))
+
+
+@pytest.mark.parametrize("p, training, removed", [(0.1, False, True), (0.0, True, True), (0.1, True, False)])
+def test_a_dropout_that_drops_nothing_goes_and_the_gelu_then_fuses(p, training, removed):
+    """A dropout between the GELU and the HiF8 linear (diffusers' FeedForward) hid the pair from
+    gelu_hif8_linear. At inference, or at p = 0, the identity_dropout pass removes it and the pair
+    fuses, with the unfused module's output (CPU: the op's composite); a dropout that drops stays."""
+    from osp_compile.backend import osp_backend, report_for
+
+    torch.manual_seed(0)
+    module, x = _DropoutFFN(p).train(training), torch.randn(2, 5, 32)
+    options = {"quant": "hif8-infer", "quant_exclude": [], "layout": "dense"}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(module, backend=osp_backend, options=options)(x)
+    report = report_for(options)
+    dropped = _rows(report, "identity_dropout")
+    assert len(dropped) == removed and len(_rows(report, "gelu_hif8_linear")) == removed
+    if removed:
+        plain = {**options, "fuse_linears": False}
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = torch.compile(module, backend=osp_backend, options=plain)(x)
+            got = torch.compile(module, backend=osp_backend, options=options)(x)
+        assert rel_err(got, want) <= 1e-6
+
+
+def test_diffusers_cogvideox_ffn_gelu_fuses_with_its_hif8_linear():
+    """The model where the dropout was found: every block's GELU now reaches its HiF8 linear."""
+    pytest.importorskip("diffusers")
+    from osp_compile.models import load_example
+
+    ex = load_example("diffusers:CogVideoX", layers=2)
+    converted = convert(ex.model, ex.args, ex.kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer"))
+    assert [r["weight"] for r in _rows(converted.osp_report, "gelu_hif8_linear")] == [
+        f"transformer_blocks.{i}.ff.net.2.weight" for i in range(2)]
+
+
 def _gelu_case(dtype, n=4096, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))).to(dtype)
