@@ -149,6 +149,19 @@ def reference_workload(preset: str, resolution: str, layers: int | None, frames:
                     total != cfg.num_layers)
 
 
+def _diffusers_latent(preset: str, resolutions: dict, resolution: str, frames: int) -> tuple[tuple, tuple]:
+    """(latent shape, token grid) of a diffusers video model at one of its own resolutions: its VAE
+    compresses time 4x and space 8x, its patches are 2x2 (CogVideoX and HunyuanVideo alike)."""
+    if resolution not in resolutions:
+        sizes = ", ".join(f"{name} ({h}x{w})" for name, (h, w) in resolutions.items())
+        raise ValueError(f"{preset} runs at {sizes}, got {resolution!r}")
+    if (frames - 1) % 4:
+        raise ValueError(f"frames={frames}: {preset}'s VAE takes 4n + 1 frames ({DEFAULT_FRAMES[preset]} is its default)")
+    height, width = resolutions[resolution]
+    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    return latent, (latent[0], latent[1] // 2, latent[2] // 2)
+
+
 COGVIDEOX_5B_RESOLUTIONS = {"480p": (480, 720)}
 """CogVideoX-5B's own resolution (its pipeline's default), not Wan's 480x832."""
 
@@ -161,13 +174,7 @@ def cogvideox_5b_workload(resolution: str, layers: int | None, frames: int, devi
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-    if resolution not in COGVIDEOX_5B_RESOLUTIONS:
-        raise ValueError(f"cogvideox-5b runs at {', '.join(COGVIDEOX_5B_RESOLUTIONS)} (480x720), got {resolution!r}")
-    if (frames - 1) % 4:
-        raise ValueError(f"frames={frames}: CogVideoX's VAE takes 4n + 1 frames (49 is its default)")
-    height, width = COGVIDEOX_5B_RESOLUTIONS[resolution]
-    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
-    grid = (latent[0], latent[1] // 2, latent[2] // 2)
+    latent, grid = _diffusers_latent("cogvideox-5b", COGVIDEOX_5B_RESOLUTIONS, resolution, frames)
     total = layers or 42
     with torch.device(device):
         model = CogVideoXTransformer3DModel(
@@ -211,14 +218,7 @@ def hunyuanvideo_workload(resolution: str, layers: int | None, frames: int, devi
     the double:single ratio (1:2)."""
     from diffusers import HunyuanVideoTransformer3DModel
 
-    if resolution not in HUNYUANVIDEO_RESOLUTIONS:
-        raise ValueError(f"hunyuanvideo runs at {', '.join(HUNYUANVIDEO_RESOLUTIONS)} (720x1280, 544x960), "
-                         f"got {resolution!r}")
-    if (frames - 1) % 4:
-        raise ValueError(f"frames={frames}: HunyuanVideo's VAE takes 4n + 1 frames (129 is its default)")
-    height, width = HUNYUANVIDEO_RESOLUTIONS[resolution]
-    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
-    grid = (latent[0], latent[1] // 2, latent[2] // 2)
+    latent, grid = _diffusers_latent("hunyuanvideo", HUNYUANVIDEO_RESOLUTIONS, resolution, frames)
     total = layers or 60
     double = max(1, round(total / 3))
     with torch.device(device), _default_dtype(dtype):
