@@ -600,8 +600,8 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
                     f"OSPConfig.grid={cfg.grid} has {tokens} tokens but the video self-attention at node "
                     f"'{s.node.name}' has {s.q_len - s.text_len}: give the token grid after patch embedding."
                 )
-            found = tuple(s.grid) if s.grid else None
-            if found is not None and found != tuple(cfg.grid):
+            found = s.grid
+            if found is not None and found != cfg.grid:
                 raise OSPAnalysisError(
                     f"OSPConfig.grid={cfg.grid} contradicts the grid {found} the analysis read for the attention at "
                     f"node '{s.node.name}' ({s.how}): its tokens are ordered as that grid. Drop grid= (it is for "
@@ -612,7 +612,7 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
     elif not an.layout_sites and reg.grid is not None:
         classify_by_grid(an, reg.grid, reg.joint)
     if an.layout_sites and reg.grid is None:
-        reg.grid = tuple(an.layout_sites[0].grid)
+        reg.grid = an.layout_sites[0].grid
     reg.joint |= {(s.q_len, s.video_offset) for s in an.layout_sites if s.kind == "joint"}
     ctx.analysis = an
     if an.sites and not an.layout_sites and not reg.keys:
@@ -639,7 +639,7 @@ def analysis_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, "PassReport"
         ctx.report.record_site(s.key, SiteRow(
             where=s.key[0] or s.node.name, kind=s.kind, index=s.index, layout=s.layout, batch=s.batch,
             heads=s.heads, tokens=s.q_len, kv_tokens=s.kv_len, head_dim=s.head_dim,
-            grid=tuple(s.grid) if s.grid else None, subsequence_len=None,
+            grid=s.grid, subsequence_len=None,
             flops_before=s.attention_flops, flops_after=s.attention_flops, decision=s.decision or s.how,
             text_tokens=s.text_len,
         ))

@@ -13,7 +13,7 @@ def comm_accounting_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassR
     sites = ctx.analysis.video_sites if ctx.analysis is not None else []
     if sp.world <= 1 or not sites:
         return gm, PassReport("comm_accounting", "no collectives (one rank)")
-    grid = tuple(sites[0].grid)
+    grid = sites[0].grid
     summary = summarize(account(gm, grid, ctx.config.sparse_ratio, sp.world))
     ctx.report.communication = summary
     kinds = ", ".join(f"{n} {k}" for k, n in summary["collectives"].items())

@@ -61,7 +61,7 @@ def skiparse_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
                 raise OSPUnsupportedError(msg + " Use layout 'full' there or OSPConfig(on_unsupported='skip').")
             row.decision, row.layout = f"kept dense: {reason}", "full"
             continue
-        grid = tuple(site.grid)
+        grid = site.grid
         check_fits(grid, p, site.layout, where=f" at site {site.index} (node '{site.node.name}')")
         new = _rewrite(g, site, a, p, grid)
         new.meta.update(site.node.meta)

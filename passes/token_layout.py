@@ -78,7 +78,7 @@ class _Rewriter:
         an = ctx.analysis
         self.sites = [s for s in an.video_sites if s.node.graph is self.g]
         self.site_nodes = {s.node for s in self.sites}
-        self.grid = tuple(self.sites[0].grid)
+        self.grid = self.sites[0].grid
         self.tokens_total = self.grid[0] * self.grid[1] * self.grid[2]
         live = set(self.g.nodes)
         self.dim: dict[fx.Node, int] = {}
