@@ -36,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from .models import patch_grid
+
 VARIANT_HELP = {
     "dense-eager": "the model as written, eager",
     "dense-inductor": "torch.compile (Inductor): the baseline of every ratio",
@@ -151,7 +153,7 @@ def reference_workload(preset: str, resolution: str, layers: int | None, frames:
 
 def _diffusers_latent(preset: str, resolutions: dict, resolution: str, frames: int) -> tuple[tuple, tuple]:
     """(latent shape, token grid) of a diffusers video model at one of its own resolutions: its VAE
-    compresses time 4x and space 8x, its patches are 2x2 (CogVideoX and HunyuanVideo alike)."""
+    compresses time 4x and space 8x, its patches are 1x2x2 (CogVideoX and HunyuanVideo alike)."""
     if resolution not in resolutions:
         sizes = ", ".join(f"{name} ({h}x{w})" for name, (h, w) in resolutions.items())
         raise ValueError(f"{preset} runs at {sizes}, got {resolution!r}")
@@ -159,7 +161,7 @@ def _diffusers_latent(preset: str, resolutions: dict, resolution: str, frames: i
         raise ValueError(f"frames={frames}: {preset}'s VAE takes 4n + 1 frames ({DEFAULT_FRAMES[preset]} is its default)")
     height, width = resolutions[resolution]
     latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
-    return latent, (latent[0], latent[1] // 2, latent[2] // 2)
+    return latent, patch_grid(latent)
 
 
 COGVIDEOX_5B_RESOLUTIONS = {"480p": (480, 720)}

@@ -55,10 +55,11 @@ def _reference(name: str, *, resolution: str | None = None, latent: tuple | None
     return Example(model, args, kwargs, grid=token_grid(cfg, tuple(args[0].shape[2:])))
 
 
-def _grid(latent: tuple[int, int, int]) -> tuple[int, int, int]:
+def patch_grid(latent: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The token grid of a latent video under diffusers' CogVideoX/HunyuanVideo/Wan 1x2x2 patches."""
     f, h, w = latent
     if h % 2 or w % 2:
-        raise OSPConfigError(f"latent {latent}: the tiny diffusers models patchify by 2, give an even height and width.")
+        raise OSPConfigError(f"latent {latent}: these diffusers models patchify by 2, give an even height and width.")
     return f, h // 2, w // 2
 
 
@@ -72,7 +73,7 @@ def _diffusers_wan(latent: tuple[int, int, int], layers: int, generator: torch.G
     )
     kwargs = {"timestep": torch.tensor([437.0]), "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=generator),
               "return_dict": False}
-    return Example(model, (torch.randn(1, 4, *latent, generator=generator),), kwargs, grid=_grid(latent))
+    return Example(model, (torch.randn(1, 4, *latent, generator=generator),), kwargs, grid=patch_grid(latent))
 
 
 def _diffusers_cogvideox(latent: tuple[int, int, int], layers: int, generator: torch.Generator) -> Example:
@@ -82,7 +83,7 @@ def _diffusers_cogvideox(latent: tuple[int, int, int], layers: int, generator: t
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
     head_dim = 16  # the smallest that CogVideoX's 3-D RoPE splits into even t/h/w parts
-    grid = _grid(latent)
+    grid = patch_grid(latent)
     model = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=16,
         text_embed_dim=16, num_layers=layers, patch_size=2, max_text_seq_length=TEXT_LEN,
@@ -114,7 +115,7 @@ def _diffusers_hunyuan(latent: tuple[int, int, int], layers: int, generator: tor
     kwargs = {"timestep": torch.tensor([437]), "encoder_hidden_states": torch.randn(1, TEXT_LEN, 16, generator=generator),
               "encoder_attention_mask": text_mask, "pooled_projections": torch.randn(1, 8, generator=generator),
               "return_dict": False}
-    return Example(model, (torch.randn(1, 4, *latent, generator=generator),), kwargs, grid=_grid(latent),
+    return Example(model, (torch.randn(1, 4, *latent, generator=generator),), kwargs, grid=patch_grid(latent),
                    text_len=TEXT_LEN, video_offset=0)
 
 
