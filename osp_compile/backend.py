@@ -2,9 +2,11 @@
 
     torch.compile(model, backend="osp", options={"sparse_ratio": 2, "layout": "dual_end", "inner": "inductor"})
 
-Options are the `OSPConfig` fields, plus ``inner`` (``"inductor"``, the default, or ``"eager"``) and
+Options are the `OSPConfig` fields, plus ``inner`` (``"inductor"``, the default, or ``"eager"``),
 ``num_sites`` (the total number of video self-attention sites, needed by ``dual_end``/``uniform``
-only when graph breaks split the sites over several graphs; `convert()` counts them itself).
+only when graph breaks split the sites over several graphs; `convert()` counts them itself) and
+``cudagraphs`` (True: Inductor records each graph as CUDA graphs, as ``mode="reduce-overhead"``
+does for the inductor backend; for short steps, where the host's time per launch shows).
 The pip entry point (group ``torch_dynamo_backends``) makes ``backend="osp"`` work without an import.
 """
 from __future__ import annotations
@@ -20,18 +22,21 @@ from .pipeline import GraphPass, PassContext, SiteRegistry, run_passes
 from .report import OSPReport
 
 INNER_COMPILERS = ("inductor", "eager")
-_EXTRA_OPTIONS = ("inner", "num_sites")
+_EXTRA_OPTIONS = ("inner", "num_sites", "cudagraphs")
 
 
 class OSPBackend:
     """A Dynamo backend bound to one session: one config, one site numbering, one report."""
 
     def __init__(self, config: OSPConfig, inner: str = "inductor", num_sites: int | None = None,
-                 passes: list[GraphPass] | None = None, counting: bool = False):
+                 passes: list[GraphPass] | None = None, counting: bool = False, cudagraphs: bool = False):
         if inner not in INNER_COMPILERS:
             raise OSPConfigError(f"unknown inner compiler {inner!r}: use one of {', '.join(INNER_COMPILERS)}.")
+        if cudagraphs and inner != "inductor":
+            raise OSPConfigError(f"cudagraphs=True needs inner='inductor' (Inductor records the CUDA graphs), got {inner!r}.")
         self.config = config
         self.inner = inner
+        self.cudagraphs = bool(cudagraphs)
         self.registry = SiteRegistry(config, num_sites=num_sites, counting=counting)
         self.report = OSPReport()
         self.passes = passes
@@ -42,9 +47,13 @@ class OSPBackend:
         gm = run_passes(gm, ctx, self.passes)
         if self.inner == "eager":
             return gm.forward
+        import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        if not self.cudagraphs:  # Inductor's own setting stands
+            return compile_fx(gm, example_inputs)
+        with inductor_config.patch({"triton.cudagraphs": True}):
+            return compile_fx(gm, example_inputs)
 
 
 def split_options(options: dict | None) -> tuple[OSPConfig, dict]:

@@ -47,18 +47,22 @@ VARIANT_HELP = {
     "osp-unfused": "osp-backend with the fusions off (fuse_linears=False, fuse_norm_rope=False)",
     "osp-hif8": "osp-backend with HiF8 inference linears (FP8 tensor cores on CUDA)",
     "osp-hif8-fast": "osp-hif8 with fp8_fast_accum=True",
+    "dense-inductor-graphs": 'dense-inductor with CUDA graphs (mode="reduce-overhead"): what graphs give the dense model',
+    "osp-hif8-fast-graphs": "osp-hif8-fast with CUDA graphs (backend option cudagraphs=True)",
     "osp-hif8-unfused": "osp-hif8-fast with the fusions off (fuse_linears=False, fuse_norm_rope=False)",
     "osp-no-relayout": "ablation: relayouts replaced by identity (output invalid, timing only)",
     "osp-hif8-no-actquant": "ablation: osp-hif8-fast, FP8 linears replay the first step's E4M3 activations (timing only; use --layers)",
 }
 VARIANTS = tuple(VARIANT_HELP)
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "osp-hif8-no-actquant")
-"""What runs unless asked: all but the ablation that holds a whole step's activations on the GPU."""
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "osp-hif8-no-actquant" and not v.endswith("-graphs"))
+"""What runs unless asked: all but the ablation that holds a whole step's activations on the GPU,
+and the CUDA-graph variants (a short step's question: ask for them with their baseline)."""
 BACKEND_OPTIONS = {
     "osp-backend": {},
     "osp-unfused": {"fuse_linears": False, "fuse_norm_rope": False},
     "osp-hif8": {"quant": "hif8-infer"},
     "osp-hif8-fast": {"quant": "hif8-infer", "fp8_fast_accum": True},
+    "osp-hif8-fast-graphs": {"quant": "hif8-infer", "fp8_fast_accum": True, "cudagraphs": True},
     "osp-hif8-unfused": {"quant": "hif8-infer", "fp8_fast_accum": True, "fuse_linears": False, "fuse_norm_rope": False},
     "dense-osp": {"layout": "dense"},
 }
@@ -549,6 +553,8 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
             return model
         if variant == "dense-inductor":
             return torch.compile(model, dynamic=False)
+        if variant == "dense-inductor-graphs":
+            return torch.compile(model, mode="reduce-overhead", dynamic=False)
         if variant == "osp-convert":
             return convert(model, args, kwargs, config)
         # the backend callable itself: the same as backend="osp", without relying on the pip entry point

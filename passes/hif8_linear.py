@@ -90,7 +90,7 @@ def _real_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return example
 
 
-def _fake_like(like: fx.Node, real: torch.Tensor):
+def fake_like(like: fx.Node, real: torch.Tensor):
     """A fake tensor for a new node's meta, in the graph's fake mode (shape/dtype readers need one).
     Static shapes: a store buffer's size is fixed, and a symbolic one would reach every reader of
     the node (the LoRA pass sizes its adapters from it)."""
@@ -98,7 +98,7 @@ def _fake_like(like: fx.Node, real: torch.Tensor):
     return mode.from_tensor(real, static_shapes=True) if mode is not None else real
 
 
-def _declare_to_aot(gm: fx.GraphModule, store: torch.nn.Module) -> None:
+def declare_to_aot(gm: fx.GraphModule, store: torch.nn.Module) -> None:
     """Under Inductor, AOTAutograd lifts a graph module's buffers to inputs and needs a source for
     each (it dedups guards by source); the store's buffers are not Dynamo's, so name them here."""
     sources = getattr(gm, "_param_name_to_source", None)
@@ -219,8 +219,8 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
             with g.inserting_before(node):
                 codes = g.get_attr(f"{STORE_NAME}.{codes_attr}")
                 scale = g.get_attr(f"{STORE_NAME}.{scale_attr}")
-            codes.meta["example_value"] = _fake_like(node, store.get_buffer(codes_attr))
-            scale.meta["example_value"] = _fake_like(node, store.get_buffer(scale_attr))
+            codes.meta["example_value"] = fake_like(node, store.get_buffer(codes_attr))
+            scale.meta["example_value"] = fake_like(node, store.get_buffer(scale_attr))
             replaced[node] = _replace(g, node, torch.ops.osp.hif8_linear.default, (x, codes, call["bias"], scale, *extra))
         else:
             if transposed:
@@ -230,7 +230,7 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
                 weight = weight_t
             replaced[node] = _replace(g, node, torch.ops.osp.hif8_qat_linear.default, (x, weight, call["bias"], *extra))
     if infer:
-        _declare_to_aot(gm, store)
+        declare_to_aot(gm, store)
         for node in gm.graph.find_nodes(op="call_function", target=torch.ops.osp.hif8_linear.default):
             node.meta[inference.FAST_ACCUM_KEY] = ctx.config.fp8_fast_accum  # read by lowering's CUDA kernel choice
     gm.recompile()

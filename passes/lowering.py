@@ -2,7 +2,9 @@
 
 Which nodes: every `F.scaled_dot_product_attention` call and every ``osp::`` op. For each, the
 kernels registered for (op, target) (`osp_compile.lowering`) are tried in order and the first that
-accepts the node replaces its target. An ``osp::`` attention composite (Skiparse, ...) without a
+accepts the node replaces its target, or the node itself where the kernel is several nodes
+(`Kernel.expand`: a HiF8 linear on FP8 tensor cores is an activation quantization, shared by the
+linears that read one tensor, and a GEMM). An ``osp::`` attention composite (Skiparse, ...) without a
 kernel of its own runs its own code with its attention on the target's SDPA kernel
 (`composites.on_attention_kernel`). Anything else keeps its portable implementation. A kernel
 computes what the op computes, so lowering never changes the model's outputs.
@@ -89,12 +91,15 @@ def lowering_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
     gm.meta[TARGET_KEY] = target
     _record_sources(gm)
     rows = []
-    for node in gm.graph.nodes:
+    shared: dict = {}  # what kernel expansions share within this graph (Kernel.expand)
+    for node in list(gm.graph.nodes):
         op = lowerable_op(node)
         if op is None:
             continue
         kernel, refused = _choose(op, target, node)
-        if kernel is not None:
+        if kernel is not None and kernel.expand is not None:
+            kernel.expand(gm, node, shared).meta[KERNEL_KEY] = kernel
+        elif kernel is not None:
             node.target = kernel.fn
             node.meta[KERNEL_KEY] = kernel
         rows.append({"node": node.name, "op": op if op == SDPA else f"osp::{op}",

@@ -121,6 +121,15 @@ def test_unknown_backend_option():
         compiled(torch.randn(1, 8, 16))
 
 
+def test_cuda_graphs_need_inductor_and_are_a_backend_option():
+    from osp_compile.backend import OSPBackend, split_options
+
+    config, extra = split_options({"sparse_ratio": 2, "cudagraphs": True})
+    assert extra == {"cudagraphs": True} and config.sparse_ratio == 2
+    with pytest.raises(Exception, match="cudagraphs=True needs inner='inductor'"):
+        OSPBackend(config, inner="eager", cudagraphs=True)
+
+
 def _tiny(latent=(3, 12, 20)):
     model = build_model("tiny", num_layers=2)
     return model, *make_inputs(PRESETS["tiny"], latent_shape=latent)

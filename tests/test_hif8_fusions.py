@@ -194,7 +194,8 @@ def test_gelu_prologue_scales_over_the_group(peer):
 def test_kernels_per_target():
     names = {t: [k.name for k in kernels_for("gelu_hif8_linear", t)] for t in ("cpu", "cuda", "npu")}
     assert names["cpu"] == ["GELU + HiF8 reference"]
-    assert [("fast accumulation" in n) for n in names["cuda"]] == [True, False]
+    assert [("fast accumulation" in n) for n in names["cuda"]] == [True, False, True, False]
+    assert [("shared" in n) for n in names["cuda"]] == [True, True, False, False]  # the expansions first
     assert "npu_quant_matmul" in names["npu"][0]
 
 
@@ -285,10 +286,13 @@ def test_every_kernel_takes_the_given_amax_as_the_whole_tensors(peer, monkeypatc
 
 
 @needs_interp
-def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
-    """The CUDA kernel's FP8 path, run on this CPU (``torch._scaled_mm`` has a CPU kernel here):
-    q, k and v get the same in-graph max and share one quantization of their input, so a step
-    quantizes each activation once."""
+def test_linears_reading_one_activation_share_one_quantization_node(monkeypatch):
+    """The CUDA FP8 path, run on this CPU (``torch._scaled_mm`` has a CPU kernel here). For
+    inference, lowering writes each HiF8 linear as a quantization node and a GEMM node, and the
+    linears that read one tensor share the quantization (q, k and v; the text's k and v of every
+    block): a step quantizes each activation once, with no run-time cache. The outputs are those
+    of the one-op-per-linear kernel that graphs under autograd keep (its run-time reuse hits
+    within a block only, so it quantizes the text once per block)."""
     as_if_triton_on_cuda(monkeypatch)
     monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
     calls = []
@@ -296,16 +300,45 @@ def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
     monkeypatch.setattr(fp8, "quantize_act_e4m3", lambda x, *a: calls.append(x.shape) or real(x, *a))
     model = build_model("tiny", num_layers=2, seed=3)
     args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=4)
-    converted = convert(model, args, kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cuda"))
-    kernels = {r["kernel"] for r in _rows(converted.osp_report, "lowering") if "hif8" in r["op"]}
-    assert all("FP8 tensor cores" in k for k in kernels)
-    activations = len(_rows(converted.osp_report, "hif8_absmax")) + len(_rows(converted.osp_report, "gelu_hif8_linear"))
+    config = OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cuda")
+    outs, counts = {}, {}
+    for grad in (False, True):  # convert captures without grad; called with grad, the model is captured again
+        converted = convert(model, args, kwargs, config)
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            outs[grad] = converted(*args, **kwargs)[0].detach()
+        counts[grad] = len(calls)
+        lowering = next(p for p in converted.osp_report.graphs[-1].passes if p.name == "lowering")
+        kernels = {r["kernel"] for r in lowering.rows if "hif8" in r["op"]}
+        assert all(("shared HiF8 quantization" in k) != grad and "FP8 tensor cores" in k for k in kernels), kernels
+    first = {p.name: p.rows for p in converted.osp_report.graphs[0].passes}
+    activations = len(first["hif8_absmax"]) + len(first["gelu_hif8_linear"])
     assert activations == 13  # per block: q/k/v input, o, cross q, cross o, FFN1, FFN2; the text (cross k/v) once
-    calls.clear()
+    assert counts == {False: activations, True: activations + 1}
+    assert torch.equal(outs[False], outs[True])
+
+
+def test_the_fp8_expansion_is_refused_with_its_reason(monkeypatch):
+    """Where the two-node FP8 form cannot run, lowering says why and keeps one op per linear."""
+    from osp_compile.convert import plan
+
+    model = build_model("tiny", num_layers=1, seed=3)
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=4)
+    with torch.no_grad():  # planned for CUDA, inputs on this CPU: no FP8 tensor cores (or no CUDA at all)
+        rows = _rows(plan(model, args, kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cuda")), "lowering")
+    hif8 = [r for r in rows if "hif8" in r["op"]]
+    assert hif8 and all("shared HiF8 quantization" not in r["kernel"] for r in hif8)
+    assert all("CUDA" in r["refused"] or "no FP8 tensor cores for inputs on cpu" in r["refused"] for r in hif8)
+    with torch.no_grad():  # on cpu the node keeps the op itself, and its inputs their example values
+        gm = convert(model, args, kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cpu")).osp_report.graphs[0].module
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.osp.hif8_linear.default)
+    as_if_triton_on_cuda(monkeypatch)
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: False)
+    assert "no FP8 tensor cores" in hif8_kernels.fp8_expansion_refusal(node)
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
     with torch.no_grad():
-        converted(*args, **kwargs)
-    # 18 linears; the one-entry reuse holds the latest activation only, so block 1 quantizes the text again
-    assert len(calls) == activations + 1
+        assert hif8_kernels.fp8_expansion_refusal(node) is None
+    assert "autograd" in hif8_kernels.fp8_expansion_refusal(node)  # the bias is a parameter that requires grad
 
 
 def test_absmax_pass_leaves_an_empty_activation_to_the_op():

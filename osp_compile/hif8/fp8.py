@@ -222,29 +222,36 @@ def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = 
     """``HiF8(x) @ W^T + bias`` on E4M3 operands, in ``x``'s dtype (``HiF8(F.gelu(x)) @ ...`` with
     ``gelu``, F.gelu's ``approximate``: the GELU runs inside the quantization's passes).
 
-    ``torch._scaled_mm`` where supported and the shapes allow (in/out features multiples of 16;
-    rows are padded to 16), else emulated in float32.  ``use_fast_accum`` (Hopper's faster,
-    less precise FP8 accumulation) only affects ``_scaled_mm``.  ``reuse_activation``: see
-    `_activation_e4m3` (benchmarks of one linear turn it off).  ``group``: the sequence-parallel
-    group ``x``'s tokens are split over ("" for one process; ``group.py``).  ``amax``: this
-    rank's ``max|x|`` where the graph computed it (``passes/hif8_absmax.py``)."""
-    k = x.shape[-1]
-    n = weight.data.shape[0]
+    `fp8_matmul` of the quantized activation.  ``use_fast_accum`` (Hopper's faster, less precise
+    FP8 accumulation) only affects ``_scaled_mm``.  ``reuse_activation``: see `_activation_e4m3`
+    (benchmarks of one linear turn it off).  ``group``: the sequence-parallel group ``x``'s tokens
+    are split over ("" for one process; ``group.py``).  ``amax``: this rank's ``max|x|`` where the
+    graph computed it (``passes/hif8_absmax.py``)."""
     x8, x_dequant = _activation_e4m3(x, reuse_activation, group, gelu, amax)
-    if scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
-        m = x8.shape[0]
+    out = fp8_matmul(x8, x_dequant, weight.data, weight.dequant, bias, x.dtype, use_fast_accum)
+    return out.reshape(*x.shape[:-1], weight.data.shape[0])
+
+
+def fp8_matmul(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_dequant: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
+    """``(x8 @ w8^T) * x_dequant * w_dequant + bias`` in ``out_dtype``, [M, N], for E4M3 ``x8``
+    [M, K] and ``w8`` [N, K] with float32 0-dim dequantization scales.
+
+    ``torch._scaled_mm`` where supported and the shapes allow (K and N multiples of 16; rows are
+    padded to 16), else emulated in float32 (E4M3 x E4M3 products are exact there)."""
+    (m, k), n = x8.shape, w8.shape[0]
+    if scaled_mm_supported(x8.device) and k % 16 == 0 and n % 16 == 0:
         pad = -m % 16
         if pad:
             x8 = torch.cat([x8, x8.new_zeros(pad, k)])
-        fused_bias = bias is not None and x.dtype in (torch.bfloat16, torch.float16)
-        out = torch._scaled_mm(x8, weight.data.t(), scale_a=x_dequant.reshape(()), scale_b=weight.dequant,
-                               bias=bias.to(x.dtype) if fused_bias else None, out_dtype=x.dtype,
+        fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
+        out = torch._scaled_mm(x8, w8.t(), scale_a=x_dequant.reshape(()), scale_b=w_dequant,
+                               bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
                                use_fast_accum=use_fast_accum)[:m]
         if bias is not None and not fused_bias:
             out = out + bias.to(out.dtype)
-    else:
-        out = (x8.float() @ weight.data.float().T) * (x_dequant * weight.dequant)
-        if bias is not None:
-            out = out + bias.float()
-        out = out.to(x.dtype)
-    return out.reshape(*x.shape[:-1], n)
+        return out
+    out = (x8.float() @ w8.float().T) * (x_dequant * w_dequant)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)

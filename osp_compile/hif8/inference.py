@@ -29,13 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import api
-from .fp8 import forget_e4m3_weight
+from .fp8 import forget_e4m3_weight, transcode_weight
 from .group import group_amax
 from .qat import W_SCALE_MAX, X_SCALE_MAX
 
 STATE_KEY = "hif8"
 """Key of the weight store in a session's ``ctx.state`` / ``OSPModule.osp_state``."""
 SCALE_SUFFIX = "_scale"
+E4M3_SUFFIX, DEQUANT_SUFFIX = "_e4m3", "_e4m3_dequant"
 FAST_ACCUM_KEY = "osp_fp8_fast_accum"
 """Node meta set by the HiF8 pass from ``OSPConfig.fp8_fast_accum``; lowering's CUDA choice reads it."""
 
@@ -161,6 +162,7 @@ class HiF8WeightStore(nn.Module):
         owner.register_buffer(leaf + SCALE_SUFFIX, scale.detach().to(torch.float32).reshape(()).to(codes.device))
         if fqn not in self.fqns:
             self.fqns.append(fqn)
+        self.refresh_e4m3(fqn)
 
     def get_or_quantize(self, fqn: str, weight: torch.Tensor) -> tuple[str, str]:
         """The attribute paths (codes, scale) of ``fqn``, quantizing ``weight`` [out, in] on first sight."""
@@ -173,6 +175,39 @@ class HiF8WeightStore(nn.Module):
         if owner is None or fqn not in self.fqns:
             raise KeyError(f"no HiF8 weight {fqn!r} in the store")
         return getattr(owner, leaf), getattr(owner, leaf + SCALE_SUFFIX)
+
+    def e4m3_entry(self, fqn: str) -> tuple[str, str]:
+        """The attribute paths (E4M3 data, float32 0-dim dequantization scale) of weight ``fqn``
+        transcoded for FP8 tensor cores (``fp8.transcode_weight``), made on the first request as
+        buffers beside the codes. Lowering reads them with ``get_attr`` (``lowering/hif8_kernels.py``),
+        so they exist before a graph first runs: nothing is allocated inside a CUDA graph's pool.
+        Not persistent (``state_dict``, the deployable artefact, holds codes and scales only);
+        `load_hif8_state_dict` transcodes them again when it writes the codes."""
+        owner, leaf = self._owner(fqn, create=False)
+        if owner is None or fqn not in self.fqns:
+            raise KeyError(f"no HiF8 weight {fqn!r} in the store")
+        if not hasattr(owner, leaf + E4M3_SUFFIX):
+            self._transcode(fqn)
+        return fqn + E4M3_SUFFIX, fqn + DEQUANT_SUFFIX
+
+    def _transcode(self, fqn: str) -> None:
+        """(Re)write the E4M3 buffers of ``fqn`` from its codes (in place where they exist)."""
+        owner, leaf = self._owner(fqn, create=False)
+        weight = transcode_weight(*self.entry(fqn))
+        data, dequant = getattr(owner, leaf + E4M3_SUFFIX, None), getattr(owner, leaf + DEQUANT_SUFFIX, None)
+        if data is None:
+            owner.register_buffer(leaf + E4M3_SUFFIX, weight.data, persistent=False)
+            owner.register_buffer(leaf + DEQUANT_SUFFIX, weight.dequant, persistent=False)
+            return
+        with torch.no_grad():
+            data.copy_(weight.data)
+            dequant.copy_(weight.dequant)
+
+    def refresh_e4m3(self, fqn: str) -> None:
+        """After the codes of ``fqn`` were written: transcode its E4M3 buffers again, if it has them."""
+        owner, leaf = self._owner(fqn, create=False)
+        if owner is not None and hasattr(owner, leaf + E4M3_SUFFIX):
+            self._transcode(fqn)
 
     def extra_repr(self) -> str:
         return f"{len(self.fqns)} HiF8 weight(s)"
@@ -224,5 +259,6 @@ def load_hif8_state_dict(obj: Any, state_dict: dict[str, torch.Tensor]) -> None:
                 old_codes.copy_(codes)
                 old_scale.copy_(scale.reshape(()))
             forget_e4m3_weight(old_codes)
+            store.refresh_e4m3(fqn)
         else:
             store.put(fqn, codes, scale)

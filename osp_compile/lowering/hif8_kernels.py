@@ -8,10 +8,17 @@ Each takes ``group``, the sequence-parallel group ``x``'s tokens are split over,
 activation by the group's absmax (``hif8/group.py``: one all-reduce MAX of a 0-dim tensor).
 
 * ``cpu``: the reference (decode, float matmul) -- the op's own implementation.
-* ``cuda`` (``osp_cuda::hif8_linear``): FP8 tensor cores where the GPU has them (capability >= 8.9)
-  and the features are multiples of 16 -- weights transcoded to E4M3 once (``hif8/fp8.py``),
-  activations by a fused Triton kernel, ``torch._scaled_mm``; otherwise the Triton GEMM that
-  decodes the codes in-kernel (``hif8/triton_gemm.py``).
+* ``cuda``, inference on FP8 tensor cores (capability >= 8.9, features multiples of 16, no
+  autograd): two nodes instead of one (`expand_fp8`). ``osp_cuda::fp8_act_quant`` quantizes the
+  activation (a fused Triton pass, ``hif8/fp8.py``), once for all the linears that read the same
+  tensor (q, k and v) -- shared in the graph, not by a run-time cache -- and
+  ``osp_cuda::fp8_mm`` multiplies it with the weight's E4M3 copy (``torch._scaled_mm``), a
+  buffer of the weight store made at lowering (`HiF8WeightStore.e4m3_entry`). Every tensor the
+  step makes is an op's output, so Inductor's CUDA graphs can record the step.
+* ``cuda`` otherwise (``osp_cuda::hif8_linear``, one op per linear): under autograd (LoRA
+  trained beside a HiF8 model) the same FP8 path with the E4M3 weights cached on first use and the
+  last activation's quantization reused at run time (``fp8.fp8_linear``); where FP8 tensor cores
+  are missing, the Triton GEMM that decodes the codes in-kernel (``hif8/triton_gemm.py``).
 * ``osp::gelu_hif8_linear`` (the FFN's second linear with its GELU) on ``cuda``: the same kernels,
   with the GELU applied inside the activation's quantization passes (``hif8/triton_fp8.py``); on
   ``cpu`` and ``npu``, ``F.gelu`` and then that target's ``osp::hif8_linear`` kernel.
@@ -29,13 +36,17 @@ activation by the group's absmax (``hif8/group.py``: one all-reduce MAX of a 0-d
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from osp_compile.hif8 import api, fp8, inference, triton_gemm, triton_kernels
 from osp_compile.hif8.group import group_amax
 from osp_compile.hif8.qat import X_SCALE_MAX
+from passes.fx_utils import call_args, differentiated, meta_value
+from passes.hif8_linear import STORE_NAME, declare_to_aot, fake_like
 
 from .registry import register_kernel
 
@@ -97,6 +108,101 @@ gelu_hif8_linear_npu = inference.hif8_linear_op(
     "osp_npu::gelu_hif8_linear", gelu_hif8_linear_npu_impl, inference.GELU_HIF8_LINEAR_SCHEMA)
 
 
+@torch.library.custom_op("osp_cuda::fp8_act_quant", mutates_args=())
+def fp8_act_quant(x: torch.Tensor, group: str = "", amax: torch.Tensor | None = None,
+                  gelu: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x8, dequant)``: ``x`` [..., K] (``F.gelu(x, approximate=gelu)`` where ``gelu`` is set)
+    quantized per tensor to HiF8 and written as E4M3 [..., K], with its float32 0-dim
+    dequantization scale (``fp8._activation_e4m3``, without its run-time reuse: the graph shares
+    this node instead)."""
+    x8, dequant = fp8._activation_e4m3(x, False, group, gelu or None, amax)
+    return x8.view(x.shape), dequant
+
+
+@fp8_act_quant.register_fake
+def _(x, group="", amax=None, gelu=""):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("osp_cuda::fp8_mm", mutates_args=())
+def fp8_mm(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_dequant: torch.Tensor,
+           bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """``fp8.fp8_matmul`` of an E4M3 activation [..., K] and an E4M3 weight [N, K]: [..., N]."""
+    out = fp8.fp8_matmul(x8.reshape(-1, x8.shape[-1]), x_dequant, w8, w_dequant, bias, out_dtype, fast_accum)
+    return out.view(*x8.shape[:-1], w8.shape[0])
+
+
+@fp8_mm.register_fake
+def _(x8, x_dequant, w8, w_dequant, bias, out_dtype, fast_accum=False):
+    return x8.new_empty((*x8.shape[:-1], w8.shape[0]), dtype=out_dtype)
+
+
+_ARGS = {"hif8_linear": ["x", "codes", "bias", "scale", "group", "amax"],
+         "gelu_hif8_linear": ["x", "codes", "bias", "scale", "group", "approximate"]}
+
+
+def _linear_args(node: fx.Node) -> dict:
+    names = _ARGS[node.target._schema.name.split("::")[-1]]
+    return call_args(node, names, {"bias": None, "group": "", "amax": None, "approximate": None})
+
+
+def fp8_expansion_refusal(node: fx.Node) -> str | None:
+    """Why a HiF8 linear node cannot be the two nodes of `expand_fp8` (None: it can)."""
+    reason = triton_kernels.cuda_unavailable_reason()
+    if reason is not None:
+        return reason
+    a = _linear_args(node)
+    x, codes = meta_value(a["x"]), meta_value(a["codes"])
+    if not isinstance(x, torch.Tensor) or not isinstance(codes, torch.Tensor):
+        return "no example values for the inputs"
+    if not fp8.scaled_mm_supported(x.device):
+        return f"no FP8 tensor cores for inputs on {x.device} (CUDA capability >= 8.9 needed)"
+    if codes.shape[0] % 16 or codes.shape[1] % 16:
+        return f"weight {tuple(codes.shape)}: _scaled_mm needs features that are multiples of 16"
+    if differentiated(a["x"], a["bias"]):
+        return "autograd: the E4M3 activation has no gradient (training keeps one op per linear)"
+    if a["codes"].op != "get_attr" or not str(a["codes"].target).startswith(STORE_NAME + "."):
+        return "the codes are not a weight store buffer"
+    return None
+
+
+def _fast_accum_expansion_refusal(node: fx.Node) -> str | None:
+    if not node.meta.get(inference.FAST_ACCUM_KEY):
+        return "not asked for (OSPConfig.fp8_fast_accum=False)"
+    return fp8_expansion_refusal(node)
+
+
+def expand_fp8(gm: fx.GraphModule, node: fx.Node, shared: dict, fast_accum: bool = False) -> fx.Node:
+    """Write a HiF8 linear node as ``osp_cuda::fp8_act_quant`` + ``osp_cuda::fp8_mm`` (module
+    docstring). Linears that read the same ``x`` with the same ``group``, ``amax`` and GELU share
+    one quantization node: it goes before the first of them, where all its inputs exist."""
+    a = _linear_args(node)
+    gelu = a["approximate"] or ""
+    g = gm.graph
+    store = gm.get_submodule(STORE_NAME)
+    fqn = str(a["codes"].target)[len(STORE_NAME) + 1:]
+    data_attr, dequant_attr = store.e4m3_entry(fqn)
+    key = ("fp8_act_quant", a["x"], a["group"], a["amax"], gelu)
+    with g.inserting_before(node):
+        if key not in shared:
+            quant = g.call_function(torch.ops.osp_cuda.fp8_act_quant.default, (a["x"], a["group"], a["amax"], gelu))
+            shared[key] = (g.call_function(operator.getitem, (quant, 0)), g.call_function(operator.getitem, (quant, 1)))
+        x8, x_dequant = shared[key]
+        w8, w_dequant = g.get_attr(f"{STORE_NAME}.{data_attr}"), g.get_attr(f"{STORE_NAME}.{dequant_attr}")
+        w8.meta["example_value"] = fake_like(node, store.get_buffer(data_attr))
+        w_dequant.meta["example_value"] = fake_like(node, store.get_buffer(dequant_attr))
+        out = g.call_function(torch.ops.osp_cuda.fp8_mm.default,
+                              (x8, x_dequant, w8, w_dequant, a["bias"], meta_value(node).dtype, fast_accum))
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    for weight_node in (a["codes"], a["scale"]):
+        if not weight_node.users:
+            g.erase_node(weight_node)
+    declare_to_aot(gm, store)
+    return out
+
+
 def _cuda_check(node) -> str | None:
     return triton_kernels.cuda_unavailable_reason()
 
@@ -110,6 +216,13 @@ def _fast_accum_check(node) -> str | None:
 
 register_kernel("hif8_linear", "cpu", name="HiF8 reference (decode + float matmul)")(
     torch.ops.osp.hif8_linear.default)
+for _op in ("hif8_linear", "gelu_hif8_linear"):
+    _what = "GELU in the shared HiF8 quantization" if _op == "gelu_hif8_linear" else "shared HiF8 quantization"
+    register_kernel(_op, "cuda", name=f"{_what} + FP8 tensor cores (_scaled_mm, fast accumulation)",
+                    check=_fast_accum_expansion_refusal,
+                    expand=functools.partial(expand_fp8, fast_accum=True))(torch.ops.osp_cuda.fp8_mm.default)
+    register_kernel(_op, "cuda", name=f"{_what} + FP8 tensor cores (_scaled_mm)", check=fp8_expansion_refusal,
+                    expand=expand_fp8)(torch.ops.osp_cuda.fp8_mm.default)
 register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (_scaled_mm, fast accumulation)",
                 check=_fast_accum_check)(torch.ops.osp_cuda.hif8_linear_fast_accum.default)
 register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (_scaled_mm) / Triton decode GEMM",

@@ -17,6 +17,7 @@ import torch.fx as fx
 TARGET_KINDS = ("cpu", "cuda", "npu")
 
 Check = Callable[[fx.Node], "str | None"]
+Expand = Callable[[fx.GraphModule, fx.Node, dict], fx.Node]
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,17 @@ class Kernel:
     imports: import statements the kernel needs where it runs, beyond what its own code imports
         (e.g. ``import torch_npu`` for a kernel that is an op of that library); an export writes
         them at the top of the module.
+    expand: for a kernel that is several nodes, not one call: ``expand(gm, node, shared)`` writes
+        them in place of `node` (and erases it), returning the node that gives the op's result.
+        ``shared`` is one dict per lowering run, where expansions keep nodes that later nodes of
+        the same graph may reuse (e.g. one activation quantization read by several linears).
     """
 
     fn: Callable
     name: str
     check: Check | None = None
     imports: tuple[str, ...] = ()
+    expand: Expand | None = None
 
     def refuses(self, node: fx.Node) -> str | None:
         return self.check(node) if self.check is not None else None
@@ -44,13 +50,14 @@ _KERNELS: dict[tuple[str, str], list[Kernel]] = {}
 
 
 def register_kernel(op_name: str, target: str, *, name: str | None = None, check: Check | None = None,
-                    imports: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorator: `fn` is a kernel of ``osp::<op_name>`` on `target` (same arguments as the op)."""
+                    imports: tuple[str, ...] = (), expand: Expand | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: `fn` is a kernel of ``osp::<op_name>`` on `target` (same arguments as the op;
+    with `expand`, the call the expansion ends in)."""
     if target not in TARGET_KINDS:
         raise ValueError(f"unknown target {target!r}: use one of {TARGET_KINDS}")
 
     def wrap(fn: Callable) -> Callable:
-        kernel = Kernel(fn, name or getattr(fn, "__name__", str(fn)), check, tuple(imports))
+        kernel = Kernel(fn, name or getattr(fn, "__name__", str(fn)), check, tuple(imports), expand)
         _KERNELS.setdefault((op_name, target), []).append(kernel)
         return fn
 
