@@ -9,14 +9,17 @@ that would need clamping above 448) is counted, per weight, when it is transcode
 
 * Weights: `transcode_weight` maps the stored codes through a 256-entry table once (the shift is
   chosen from the code histogram: first no clamped values, then the most exact ones);
-  `cached_e4m3_weight` keeps the result beside the codes for the CUDA kernel.
+  `cached_e4m3_weight` keeps the result beside the codes for the one-op CUDA kernel (graphs under
+  autograd); inference graphs read it from a buffer of the weight store, made at lowering
+  (``inference.HiF8WeightStore.e4m3_entry``).
 * Activations: quantized on the fly exactly as the QAT forward does (scale 15 / max|x|, HiF8
   round to nearest, ties away) and written as E4M3 shifted by ``2^act_shift(15) = 16`` (15 * 16 =
   240 <= 448).  On CUDA this is one fused Triton pass after an absmax reduction
   (``triton_fp8.py``); `quantize_act_e4m3_reference` is the same in torch ops, bit for bit.
   Under sequence parallelism the absmax is the SP group's (``group.py``), passed in as ``amax``.
-* `fp8_linear`: ``torch._scaled_mm`` on CUDA capability >= 8.9 (Ada/Hopper), else the same
+* `fp8_matmul`: ``torch._scaled_mm`` on CUDA capability >= 8.9 (Ada/Hopper), else the same
   arithmetic emulated in float32 (E4M3 x E4M3 products are exact in float32), used on CPU.
+  `fp8_linear` is the quantization and `fp8_matmul` in one call.
 """
 from __future__ import annotations
 
