@@ -145,3 +145,46 @@ def test_report_of_a_compile_whose_graphs_dynamo_reused():
     assert report_for(second) is report_for(first) and report_for(first).layout == ["token", "group"]
     with pytest.raises(KeyError, match="no osp backend session was compiled with these options"):
         report_for({"num_full_blocks": 1, "inner": "eager"})
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="needs CUDA with FP8 tensor cores (capability >= 8.9)")
+@pytest.mark.parametrize("quant", [None, "hif8-infer"])
+def test_cuda_graphs_record_the_osp_graph(quant):
+    """``cudagraphs=True``: Inductor records the OSP graph (Skiparse sites, relayouts, the norm +
+    RoPE kernel; with HiF8, nothing the step makes outlives it in the graph's pool: the E4M3
+    weights are made at lowering and the quantization is a graph node) with no graph skipped,
+    replays it, and the replay gives the outputs of the same graph run without CUDA graphs. With
+    HiF8 a later ``load_hif8_state_dict`` reaches the recorded graph (its E4M3 buffers are
+    written in place)."""
+    from torch._dynamo.utils import counters
+
+    from osp_compile.backend import osp_backend, state_for
+    from osp_compile.hif8 import hif8_state_dict, inference, load_hif8_state_dict
+    from test_hif8_infer import _lowered_hif8_kernels
+
+    model = build_model("tiny", num_layers=2, seed=14).cuda().to(torch.bfloat16)
+    args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=(3, 12, 20), seed=15, dtype=torch.bfloat16, device="cuda")
+    outs = {}
+    for graphs in (False, True):
+        options = {"num_full_blocks": 0, "quant": quant, "fp8_fast_accum": quant is not None, "cudagraphs": graphs}
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend=osp_backend, options=options, dynamic=False)
+        with torch.no_grad():
+            for _ in range(3):  # warm-up, record, replay
+                out = compiled(*args, **kwargs).clone()  # a replay writes over its outputs
+        outs[graphs] = out
+        if quant is not None:
+            kernels = _lowered_hif8_kernels(report_for(options))
+            assert kernels and all("shared HiF8 quantization" in k for k in kernels), kernels
+        if graphs:
+            assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+        if graphs and quant is not None:
+            store = inference.weight_store(state_for(options))
+            state = hif8_state_dict(store)
+            state[store.fqns[0]] = torch.zeros_like(state[store.fqns[0]])
+            load_hif8_state_dict(store, state)
+            with torch.no_grad():
+                assert not torch.equal(compiled(*args, **kwargs), out)
+    assert rel_err(outs[True].float(), outs[False].float()) <= 1e-2
