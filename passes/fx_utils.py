@@ -95,6 +95,13 @@ def call_args(node: fx.Node, names: Sequence[str], defaults: dict | None = None)
     return out
 
 
+def op_args(node: fx.Node) -> dict:
+    """The arguments of a call of a ``torch.library`` op (an OpOverload: ``osp::hif8_linear``, ...)
+    by its schema's names, the schema's defaults filled in for those not given."""
+    schema = node.target._schema.arguments
+    return call_args(node, [a.name for a in schema], {a.name: a.default_value for a in schema if a.has_default_value()})
+
+
 def gelu_args(node) -> dict | None:
     """``{"input", "approximate"}`` of a GELU call (``F.gelu``, ``aten.gelu``), or None for any other node."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and op_name(node) == "gelu"):

@@ -19,25 +19,21 @@ import torch.fx as fx
 
 from osp_compile.hif8.inference import gelu_hif8_linear
 from osp_compile.report import PassReport
-from .fx_utils import call_args, gelu_args, param_fqn
-from .hif8_linear import STORE_NAME
-
-HIF8_LINEAR_ARGS = ["x", "codes", "bias", "scale", "group"]
+from .fx_utils import gelu_args, op_args, param_fqn
+from .hif8_linear import store_fqn
 
 
 def _weight_name(codes: fx.Node) -> str:
     """The weight's name: from the session store (``quant="hif8-infer"``), or the buffer of a
     released ``HiF8Linear`` module, else the node's."""
-    if codes.op == "get_attr":
-        return codes.target.removeprefix(f"{STORE_NAME}.")
-    return param_fqn(codes) or codes.name
+    return store_fqn(codes) or param_fqn(codes) or codes.name
 
 
 def gelu_hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassReport]:
     g = gm.graph
     rows = []
     for node in list(g.find_nodes(op="call_function", target=torch.ops.osp.hif8_linear.default)):
-        a = call_args(node, HIF8_LINEAR_ARGS, {"bias": None, "group": ""})
+        a = op_args(node)
         gelu = a["x"]
         b = gelu_args(gelu)
         if b is None or len(gelu.users) != 1:

@@ -42,7 +42,7 @@ import torch.fx as fx
 from osp_compile.errors import OSPAnalysisError
 from osp_compile.hif8 import inference, qat  # noqa: F401  (qat defines osp::hif8_qat_linear)
 from osp_compile.report import PassReport
-from .fx_utils import call_args, downstream, linear_calls, meta_value, shape_of
+from .fx_utils import downstream, linear_calls, meta_value, op_args, shape_of
 from .token_layout import sp_info
 
 DEFAULT_EXCLUDE = (
@@ -98,16 +98,33 @@ def fake_like(like: fx.Node, real: torch.Tensor):
     return mode.from_tensor(real, static_shapes=True) if mode is not None else real
 
 
-def declare_to_aot(gm: fx.GraphModule, store: torch.nn.Module) -> None:
+def declare_to_aot(gm: fx.GraphModule, store: torch.nn.Module, names=None) -> None:
     """Under Inductor, AOTAutograd lifts a graph module's buffers to inputs and needs a source for
-    each (it dedups guards by source); the store's buffers are not Dynamo's, so name them here."""
+    each (it dedups guards by source); the store's buffers are not Dynamo's, so name them here.
+    ``names``: only these buffers (the ones just added), else all of the store's."""
     sources = getattr(gm, "_param_name_to_source", None)
     if sources is None:  # not a Dynamo graph (FX trace, export)
         return
     from torch._dynamo.source import ConstantSource
 
-    for name, _ in store.named_buffers():
+    for name in names if names is not None else (n for n, _ in store.named_buffers()):
         sources.setdefault(f"{STORE_NAME}.{name}", ConstantSource(f"__{STORE_NAME}_{name.replace('.', '_')}"))
+
+
+def store_attr(g: fx.Graph, store: torch.nn.Module, attr: str, like: fx.Node) -> fx.Node:
+    """A ``get_attr`` node reading the store's buffer ``attr``, with a fake example value in the
+    graph's fake mode (`fake_like`); inserted where the graph's insertion point is."""
+    node = g.get_attr(f"{STORE_NAME}.{attr}")
+    node.meta["example_value"] = fake_like(like, store.get_buffer(attr))
+    return node
+
+
+def store_fqn(node: fx.Node) -> str | None:
+    """The weight name a node reads from the store (``osp_hif8.<name>``), or None if it reads none."""
+    prefix = f"{STORE_NAME}."
+    if node.op == "get_attr" and str(node.target).startswith(prefix):
+        return str(node.target)[len(prefix):]
+    return None
 
 
 def _replace(g: fx.Graph, node: fx.Node, target, args: tuple) -> fx.Node:
@@ -147,9 +164,8 @@ class _SPRoles:
 
 def _set_sp_args(node: fx.Node, extra: tuple) -> None:
     """Give a HiF8 op already in the graph the SP arguments ``extra`` (replacing any it had)."""
-    schema = node.target._schema.arguments
-    names = [a.name for a in schema]
-    given = call_args(node, names, {a.name: a.default_value for a in schema if a.has_default_value()})
+    names = [a.name for a in node.target._schema.arguments]
+    given = op_args(node)
     head = names[:names.index("group")]  # positional; what follows the SP arguments goes by name
     node.args = tuple(given[n] for n in head) + extra
     node.kwargs = {n: given[n] for n in names[len(head):] if n not in ("group", "replicated") and given[n] is not None}
@@ -217,10 +233,7 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
             real = _real_weight(gm, weight).detach()
             codes_attr, scale_attr = store.get_or_quantize(fqn, real.T if transposed else real)
             with g.inserting_before(node):
-                codes = g.get_attr(f"{STORE_NAME}.{codes_attr}")
-                scale = g.get_attr(f"{STORE_NAME}.{scale_attr}")
-            codes.meta["example_value"] = fake_like(node, store.get_buffer(codes_attr))
-            scale.meta["example_value"] = fake_like(node, store.get_buffer(scale_attr))
+                codes, scale = store_attr(g, store, codes_attr, node), store_attr(g, store, scale_attr, node)
             replaced[node] = _replace(g, node, torch.ops.osp.hif8_linear.default, (x, codes, call["bias"], scale, *extra))
         else:
             if transposed:

@@ -71,13 +71,12 @@ def attention_facts(node: fx.Node) -> dict[str, Any]:
     The node is an SDPA call, or an ``osp::`` composite whose first three arguments are q, k, v
     (its inner masks are its own business: the kernel falls back at run time where it must).
     """
-    from passes.fx_utils import is_sdpa, meta_value, sdpa_args
+    from passes.fx_utils import is_sdpa, meta_value, op_args, sdpa_args
 
     if is_sdpa(node):
         a = sdpa_args(node)
         return {"query": meta_value(a["query"]), "key": meta_value(a["key"]), "value": meta_value(a["value"]),
                 "attn_mask": meta_value(a["attn_mask"]), "dropout_p": a["dropout_p"], "is_causal": a["is_causal"]}
-    names = [arg.name for arg in node.target._schema.arguments]
-    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    bound = op_args(node)
     return {"query": meta_value(node.args[0]), "key": meta_value(node.args[1]), "value": meta_value(node.args[2]),
             "attn_mask": None, "dropout_p": bound.get("dropout_p", 0.0), "is_causal": False}

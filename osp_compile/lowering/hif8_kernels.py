@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from osp_compile.hif8 import api, fp8, inference, triton_gemm, triton_kernels
 from osp_compile.hif8.group import group_amax
 from osp_compile.hif8.qat import X_SCALE_MAX
-from passes.fx_utils import call_args, differentiated, meta_value
-from passes.hif8_linear import STORE_NAME, declare_to_aot, fake_like
+from passes.fx_utils import differentiated, meta_value, op_args
+from passes.hif8_linear import STORE_NAME, declare_to_aot, store_attr, store_fqn
 
 from .registry import register_kernel
 
@@ -137,21 +137,12 @@ def _(x8, x_dequant, w8, w_dequant, bias, out_dtype, fast_accum=False):
     return x8.new_empty((*x8.shape[:-1], w8.shape[0]), dtype=out_dtype)
 
 
-_ARGS = {"hif8_linear": ["x", "codes", "bias", "scale", "group", "amax"],
-         "gelu_hif8_linear": ["x", "codes", "bias", "scale", "group", "approximate"]}
-
-
-def _linear_args(node: fx.Node) -> dict:
-    names = _ARGS[node.target._schema.name.split("::")[-1]]
-    return call_args(node, names, {"bias": None, "group": "", "amax": None, "approximate": None})
-
-
 def fp8_expansion_refusal(node: fx.Node) -> str | None:
     """Why a HiF8 linear node cannot be the two nodes of `expand_fp8` (None: it can)."""
     reason = triton_kernels.cuda_unavailable_reason()
     if reason is not None:
         return reason
-    a = _linear_args(node)
+    a = op_args(node)
     x, codes = meta_value(a["x"]), meta_value(a["codes"])
     if not isinstance(x, torch.Tensor) or not isinstance(codes, torch.Tensor):
         return "no example values for the inputs"
@@ -161,7 +152,7 @@ def fp8_expansion_refusal(node: fx.Node) -> str | None:
         return f"weight {tuple(codes.shape)}: _scaled_mm needs features that are multiples of 16"
     if differentiated(a["x"], a["bias"]):
         return "autograd: the E4M3 activation has no gradient (training keeps one op per linear)"
-    if a["codes"].op != "get_attr" or not str(a["codes"].target).startswith(STORE_NAME + "."):
+    if store_fqn(a["codes"]) is None:
         return "the codes are not a weight store buffer"
     return None
 
@@ -176,21 +167,19 @@ def expand_fp8(gm: fx.GraphModule, node: fx.Node, shared: dict, fast_accum: bool
     """Write a HiF8 linear node as ``osp_cuda::fp8_act_quant`` + ``osp_cuda::fp8_mm`` (module
     docstring). Linears that read the same ``x`` with the same ``group``, ``amax`` and GELU share
     one quantization node: it goes before the first of them, where all its inputs exist."""
-    a = _linear_args(node)
-    gelu = a["approximate"] or ""
+    a = op_args(node)
+    gelu = a.get("approximate", "")  # osp::gelu_hif8_linear's (F.gelu's); osp::hif8_linear has no GELU
+    amax = a.get("amax")  # osp::hif8_linear's; the GELU's max is the quantization's own
     g = gm.graph
     store = gm.get_submodule(STORE_NAME)
-    fqn = str(a["codes"].target)[len(STORE_NAME) + 1:]
-    data_attr, dequant_attr = store.e4m3_entry(fqn)
-    key = ("fp8_act_quant", a["x"], a["group"], a["amax"], gelu)
+    data_attr, dequant_attr = store.e4m3_entry(store_fqn(a["codes"]))
+    key = ("fp8_act_quant", a["x"], a["group"], amax, gelu)
     with g.inserting_before(node):
         if key not in shared:
-            quant = g.call_function(torch.ops.osp_cuda.fp8_act_quant.default, (a["x"], a["group"], a["amax"], gelu))
+            quant = g.call_function(torch.ops.osp_cuda.fp8_act_quant.default, (a["x"], a["group"], amax, gelu))
             shared[key] = (g.call_function(operator.getitem, (quant, 0)), g.call_function(operator.getitem, (quant, 1)))
         x8, x_dequant = shared[key]
-        w8, w_dequant = g.get_attr(f"{STORE_NAME}.{data_attr}"), g.get_attr(f"{STORE_NAME}.{dequant_attr}")
-        w8.meta["example_value"] = fake_like(node, store.get_buffer(data_attr))
-        w_dequant.meta["example_value"] = fake_like(node, store.get_buffer(dequant_attr))
+        w8, w_dequant = store_attr(g, store, data_attr, node), store_attr(g, store, dequant_attr, node)
         out = g.call_function(torch.ops.osp_cuda.fp8_mm.default,
                               (x8, x_dequant, w8, w_dequant, a["bias"], meta_value(node).dtype, fast_accum))
     out.meta.update(node.meta)
@@ -199,7 +188,7 @@ def expand_fp8(gm: fx.GraphModule, node: fx.Node, shared: dict, fast_accum: bool
     for weight_node in (a["codes"], a["scale"]):
         if not weight_node.users:
             g.erase_node(weight_node)
-    declare_to_aot(gm, store)
+    declare_to_aot(gm, store, (data_attr, dequant_attr))
     return out
 
 
