@@ -622,7 +622,9 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
             cost = timed[a.of] - timed[name]
             costs.append({"work": a.work, "of": a.of, "ablation": name, "ms": round(cost, 2),
                           "share_of_step": round(cost / timed[a.of], 4)})
-    return {**setup, "ablation_costs": costs, "rows": [asdict(r) for r in rows]}
+    from .hif8 import cublaslt
+
+    return {**setup, "ablation_costs": costs, "fp8_gemms": cublaslt.tuning_report(), "rows": [asdict(r) for r in rows]}
 
 
 def table(result: dict) -> str:
@@ -642,6 +644,15 @@ def table(result: dict) -> str:
                      f"{100 * cost['share_of_step']:.1f}% of the {cost['of']} step")
     if any(c["ablation"] == "osp-no-relayout" for c in result.get("ablation_costs", ())):
         lines.append("  padding: none (packed layouts carry no padded row)")
+    for g in result.get("fp8_gemms", ()):
+        if "refused" in g:
+            how = f"torch._scaled_mm, cuBLASLt refused it ({g['refused']})"
+        elif g["candidates_ms"] is None:
+            how = f"cuBLASLt's first guess of {g['candidates']}, not timed"
+        else:
+            how = (f"cuBLASLt candidate {g['chosen']} of {g['candidates']} (timed ms: "
+                   + ", ".join(f"{t:.3f}" for t in g["candidates_ms"]) + ")")
+        lines.append(f"  FP8 GEMM {g['m']}x{g['k']} @ {g['k']}x{g['n']}: {how}")
     for r in result["rows"]:
         if r["breakdown"]:
             parts = ", ".join(f"{k} {v['ms']} ms ({100 * v['share']:.1f}%)" for k, v in r["breakdown"].items()

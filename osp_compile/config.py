@@ -36,8 +36,8 @@ class OSPConfig:
         keeps the default (patch embedding, timestep/text embedding MLPs, output head, and every
         linear fed one row per sample: adaLN modulation). A list replaces all of it.
     fp8_fast_accum: ``hif8-infer`` on CUDA FP8 tensor cores: accumulate with Hopper's fast FP8
-        mode (``_scaled_mm(use_fast_accum=True)``, as torchao's float8 inference does). About 10%
-        faster per GEMM; rel. error vs the QAT forward ~2e-3 instead of ~1e-4 (the HiF8
+        mode (cuBLASLt's ``FAST_ACCUM``, ``_scaled_mm(use_fast_accum=True)`` in torch, as torchao's
+        float8 inference does). About 10% faster per GEMM; rel. error vs the QAT forward ~2e-3 instead of ~1e-4 (the HiF8
         quantization itself is ~4e-2). Other targets ignore it.
     fuse_permutations: move the Skiparse rearrangement onto the hidden state (one permutation per
         pattern switch) instead of rearranging q, k, v and the output at every sparse site.

@@ -1,8 +1,9 @@
 """GELU + HiF8 linear pass: a HiF8 inference linear whose input is a GELU read by nothing else
 becomes one ``osp::gelu_hif8_linear`` node.
 
-Why: in a HiF8 model the FFN's first linear cannot take the GELU into its GEMM's epilogue (the FP8
-GEMM, ``torch._scaled_mm``, has none), so the GELU runs as its own kernel over the widest
+Why: in a HiF8 model the FFN's first linear cannot take the GELU into its GEMM's epilogue in a
+form the next linear can use (cuBLASLt has a GELU epilogue, but refuses to write ``max|D|`` of a
+bfloat16 output, ``hif8/cublaslt.py``), so the GELU runs as its own kernel over the widest
 activation of the block, and the second linear's per-tensor quantization then reads its output
 twice more (its max, then the quantize pass). The quantization can apply the GELU itself while it
 reads: the GELU output is then never written. On the Wan-14B shape at 720P that activation is

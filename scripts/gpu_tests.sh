@@ -12,4 +12,4 @@ workers=()
 if python -c "import xdist" 2>/dev/null; then workers=(-n "${OSP_TEST_WORKERS:-8}"); fi
 python -m pytest -q -rfs ${workers[@]+"${workers[@]}"} -p no:cacheprovider \
   tests/test_hif8_fusions.py tests/test_hif8_infer.py tests/test_hif8_kernels.py tests/test_norm_rope.py \
-  tests/test_linear_fusions.py tests/test_backend.py tests/test_cli.py "$@"
+  tests/test_linear_fusions.py tests/test_backend.py tests/test_cli.py tests/test_cublaslt.py "$@"

@@ -9,6 +9,8 @@ _INTERP_UNAVAILABLE = triton_kernels.unavailable_reason("cpu")
 needs_interp = pytest.mark.skipif(_INTERP_UNAVAILABLE is not None,
                                   reason=f"Triton's interpreter cannot run here: {_INTERP_UNAVAILABLE}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+needs_sm89 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                                reason="FP8 tensor cores need CUDA capability >= 8.9")
 
 
 def as_if_triton_on_cuda(monkeypatch) -> None:

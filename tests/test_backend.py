@@ -11,6 +11,7 @@ from osp_compile.oracle import masked_oracle, rel_err
 from osp_compile import OSPConfig, convert
 from osp_compile.backend import report_for
 from reference_model import PRESETS, build_model, make_inputs
+from markers import needs_sm89
 
 
 def _model_and_inputs(layers=4):
@@ -147,8 +148,7 @@ def test_report_of_a_compile_whose_graphs_dynamo_reused():
         report_for({"num_full_blocks": 1, "inner": "eager"})
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
-                    reason="needs CUDA with FP8 tensor cores (capability >= 8.9)")
+@needs_sm89
 @pytest.mark.parametrize("quant", [None, "hif8-infer"])
 def test_cuda_graphs_record_the_osp_graph(quant):
     """``cudagraphs=True``: Inductor records the OSP graph (Skiparse sites, relayouts, the norm +

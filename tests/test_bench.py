@@ -168,3 +168,10 @@ def test_table_of_interleaved_rounds_gives_each_rounds_ratio():
                         "breakdown": {}, "gpu_state": {}}]}
     text = bench.table(result)
     assert "3 interleaved rounds x 2" in text and "2.205 (2.190-2.210)" in text
+    result["fp8_gemms"] = [
+        {"m": 75600, "n": 5120, "k": 13824, "bias": True, "fast_accum": True, "candidates": 3, "chosen": 2,
+         "candidates_ms": [7.84, 7.52, 7.34]},
+        {"m": 300, "n": 64, "k": 128, "refused": "cuBLASLt has no FP8 kernel"}]
+    text = bench.table(result)
+    assert "FP8 GEMM 75600x13824 @ 13824x5120: cuBLASLt candidate 2 of 3 (timed ms: 7.840, 7.520, 7.340)" in text
+    assert "FP8 GEMM 300x128 @ 128x64: torch._scaled_mm, cuBLASLt refused it (cuBLASLt has no FP8 kernel)" in text

@@ -1,7 +1,7 @@
 """HiF8 inference (OSPConfig(quant="hif8-infer")): stored codes, the weight store and its
 safetensors round trip, and every kernel of osp::hif8_linear: CPU reference, the Triton GEMM that
 decodes codes in-kernel (interpreted on CPU), the exact HiF8 -> E4M3 transcode and FP8 path
-(emulated on CPU; torch._scaled_mm on a GPU >= sm89), and the NPU kernel against an emulation of
+(emulated on CPU; cuBLASLt on a GPU >= sm89), and the NPU kernel against an emulation of
 the documented torch_npu calls.  The accuracy table (`pytest -s -k accuracy`) is printed last.
 
 References are independent: en_dtypes.hifloat8 in float64 numpy (`fq_ref`, `RefQATLinear` from
@@ -24,10 +24,8 @@ from osp_compile.lowering.registry import kernels_for
 from osp_compile.oracle import masked_oracle, rel_err
 from reference_model import PRESETS, build_model, make_inputs
 from test_hif8_qat import block_linears, fq_ref, hif8_dtype, hif8_rows, patch_linears, unpatch_linears
-from markers import as_if_triton_on_cuda, needs_cuda, needs_interp
+from markers import as_if_triton_on_cuda, needs_cuda, needs_interp, needs_sm89
 
-needs_sm89 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
-                                reason="FP8 tensor cores need CUDA capability >= 8.9")
 
 LATENT = (2, 8, 16)  # grid (2, 4, 8): no Skiparse padding (see test_hif8_qat.py's known issue)
 GRID = (2, 4, 8)
@@ -179,7 +177,7 @@ def test_default_exclusions_keep_the_conditioning_path_of_diffusers_models(name,
 def test_registered_kernels():
     names = {t: [k.name for k in kernels_for("hif8_linear", t)] for t in ("cpu", "cuda", "npu")}
     assert names["cpu"][0].startswith("HiF8 reference")
-    assert "_scaled_mm" in names["cuda"][0]
+    assert "cuBLASLt" in names["cuda"][0]
     assert "npu_quant_matmul" in names["npu"][0]
     assert "import torch_npu" in kernels_for("hif8_linear", "npu")[0].imports
 
@@ -414,7 +412,7 @@ def test_fast_accumulation_kernel_only_when_asked(fast, monkeypatch):
     args, kwargs = make_inputs(PRESETS["tiny"], latent_shape=LATENT, seed=15)
     report = plan(model, args, kwargs, OSPConfig(num_full_blocks=0, quant="hif8-infer", target="cuda", fp8_fast_accum=fast))
     kernels = _lowered_hif8_kernels(report)
-    assert kernels == ({"HiF8 FP8 tensor cores (_scaled_mm, fast accumulation)"} if fast else {_exact_cuda_kernel_name()})
+    assert kernels == ({"HiF8 FP8 tensor cores (cuBLASLt, fast accumulation)"} if fast else {_exact_cuda_kernel_name()})
     with pytest.raises(Exception, match="fp8_fast_accum=True applies to quant='hif8-infer'"):
         OSPConfig(quant="hif8", fp8_fast_accum=True)
 

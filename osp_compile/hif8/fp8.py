@@ -17,8 +17,9 @@ that would need clamping above 448) is counted, per weight, when it is transcode
   240 <= 448).  On CUDA this is one fused Triton pass after an absmax reduction
   (``triton_fp8.py``); `quantize_act_e4m3_reference` is the same in torch ops, bit for bit.
   Under sequence parallelism the absmax is the SP group's (``group.py``), passed in as ``amax``.
-* `fp8_matmul`: ``torch._scaled_mm`` on CUDA capability >= 8.9 (Ada/Hopper), else the same
-  arithmetic emulated in float32 (E4M3 x E4M3 products are exact in float32), used on CPU.
+* `fp8_matmul`: on CUDA capability >= 8.9 (Ada/Hopper) cuBLASLt with a timed algorithm choice
+  (``cublaslt.py``; ``torch._scaled_mm`` where it refuses), else the same arithmetic emulated in
+  float32 (E4M3 x E4M3 products are exact in float32), used on CPU.
   `fp8_linear` is the quantization and `fp8_matmul` in one call.
 """
 from __future__ import annotations
@@ -235,15 +236,29 @@ def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = 
     return out.reshape(*x.shape[:-1], weight.data.shape[0])
 
 
+GEMM = "cublaslt"
+"""The CUDA FP8 GEMM: ``"cublaslt"`` (`cublaslt.fp8_gemm`: cuBLASLt called directly, its algorithm
+timed per shape on first use; where cuBLASLt refuses a problem, ``torch._scaled_mm``) or
+``"scaled_mm"``.  Read at run time, so one compiled graph can be timed with both
+(``scripts/gpu_fp8_gemm_ab.py``)."""
+
+
 def fp8_matmul(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_dequant: torch.Tensor,
                bias: torch.Tensor | None, out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
     """``(x8 @ w8^T) * x_dequant * w_dequant + bias`` in ``out_dtype``, [M, N], for E4M3 ``x8``
     [M, K] and ``w8`` [N, K] with float32 0-dim dequantization scales.
 
-    ``torch._scaled_mm`` where supported and the shapes allow (K and N multiples of 16; rows are
-    padded to 16), else emulated in float32 (E4M3 x E4M3 products are exact there)."""
+    On CUDA capability >= 8.9 with K and N multiples of 16: cuBLASLt (`GEMM`; 16-bit outputs), or
+    ``torch._scaled_mm`` (rows padded to 16); else emulated in float32 (E4M3 x E4M3 products are
+    exact there)."""
     (m, k), n = x8.shape, w8.shape[0]
     if scaled_mm_supported(x8.device) and k % 16 == 0 and n % 16 == 0:
+        if GEMM == "cublaslt" and x8.is_cuda and out_dtype in (torch.bfloat16, torch.float16):
+            from . import cublaslt
+
+            out = cublaslt.fp8_gemm_or_none(x8, x_dequant, w8, w_dequant, bias, out_dtype, fast_accum=use_fast_accum)
+            if out is not None:
+                return out
         pad = -m % 16
         if pad:
             x8 = torch.cat([x8, x8.new_zeros(pad, k)])

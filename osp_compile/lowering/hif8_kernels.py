@@ -12,7 +12,8 @@ activation by the group's absmax (``hif8/group.py``: one all-reduce MAX of a 0-d
   autograd): two nodes instead of one (`expand_fp8`). ``osp_cuda::fp8_act_quant`` quantizes the
   activation (a fused Triton pass, ``hif8/fp8.py``), once for all the linears that read the same
   tensor (q, k and v) -- shared in the graph, not by a run-time cache -- and
-  ``osp_cuda::fp8_mm`` multiplies it with the weight's E4M3 copy (``torch._scaled_mm``), a
+  ``osp_cuda::fp8_mm`` multiplies it with the weight's E4M3 copy (``fp8.fp8_matmul``: cuBLASLt
+  with its algorithm timed per shape, ``hif8/cublaslt.py``), a
   buffer of the weight store made at lowering (`HiF8WeightStore.e4m3_entry`). Every tensor the
   step makes is an op's output, so Inductor's CUDA graphs can record the step.
 * ``cuda`` otherwise (``osp_cuda::hif8_linear``, one op per linear): under autograd (LoRA
@@ -54,7 +55,7 @@ from .registry import register_kernel
 def hif8_linear_cuda_impl(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
                           scale: torch.Tensor, group: str = "", amax: torch.Tensor | None = None, *,
                           gelu: str | None = None, fast_accum: bool = False) -> torch.Tensor:
-    """FP8 tensor cores (``_scaled_mm``) where possible, else the Triton decode GEMM. ``gelu``
+    """FP8 tensor cores (``fp8.fp8_linear``) where possible, else the Triton decode GEMM. ``gelu``
     (``osp::gelu_hif8_linear``'s ``approximate``): GELU first, inside the FP8 path's quantization."""
     n, k = codes.shape
     if fp8.scaled_mm_supported(x.device) and k % 16 == 0 and n % 16 == 0:
@@ -149,7 +150,7 @@ def fp8_expansion_refusal(node: fx.Node) -> str | None:
     if not fp8.scaled_mm_supported(x.device):
         return f"no FP8 tensor cores for inputs on {x.device} (CUDA capability >= 8.9 needed)"
     if codes.shape[0] % 16 or codes.shape[1] % 16:
-        return f"weight {tuple(codes.shape)}: _scaled_mm needs features that are multiples of 16"
+        return f"weight {tuple(codes.shape)}: FP8 GEMMs need features that are multiples of 16"
     if differentiated(a["x"], a["bias"]):
         return "autograd: the E4M3 activation has no gradient (training keeps one op per linear)"
     if store_fqn(a["codes"]) is None:
@@ -207,14 +208,14 @@ register_kernel("hif8_linear", "cpu", name="HiF8 reference (decode + float matmu
     torch.ops.osp.hif8_linear.default)
 for _op in ("hif8_linear", "gelu_hif8_linear"):
     _what = "GELU in the shared HiF8 quantization" if _op == "gelu_hif8_linear" else "shared HiF8 quantization"
-    register_kernel(_op, "cuda", name=f"{_what} + FP8 tensor cores (_scaled_mm, fast accumulation)",
+    register_kernel(_op, "cuda", name=f"{_what} + FP8 tensor cores (cuBLASLt, fast accumulation)",
                     check=_fast_accum_expansion_refusal,
                     expand=functools.partial(expand_fp8, fast_accum=True))(torch.ops.osp_cuda.fp8_mm.default)
-    register_kernel(_op, "cuda", name=f"{_what} + FP8 tensor cores (_scaled_mm)", check=fp8_expansion_refusal,
+    register_kernel(_op, "cuda", name=f"{_what} + FP8 tensor cores (cuBLASLt)", check=fp8_expansion_refusal,
                     expand=expand_fp8)(torch.ops.osp_cuda.fp8_mm.default)
-register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (_scaled_mm, fast accumulation)",
+register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (cuBLASLt, fast accumulation)",
                 check=_fast_accum_check)(torch.ops.osp_cuda.hif8_linear_fast_accum.default)
-register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (_scaled_mm) / Triton decode GEMM",
+register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (cuBLASLt) / Triton decode GEMM",
                 check=_cuda_check)(torch.ops.osp_cuda.hif8_linear.default)
 register_kernel("gelu_hif8_linear", "cuda", name="GELU in the HiF8 quantization + FP8 tensor cores (fast accumulation)",
                 check=_fast_accum_check)(torch.ops.osp_cuda.gelu_hif8_linear_fast_accum.default)
