@@ -249,9 +249,9 @@ def fp8_matmul(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_de
     [M, K] and ``w8`` [N, K] with float32 0-dim dequantization scales.
 
     On CUDA capability >= 8.9 with K and N multiples of 16: cuBLASLt (`GEMM`; 16-bit outputs), or
-    ``torch._scaled_mm`` (rows padded to 16); else emulated in float32 (E4M3 x E4M3 products are
+    ``torch._scaled_mm`` (any number of rows: it needs K and N multiples of 16 only); else emulated in float32 (E4M3 x E4M3 products are
     exact there)."""
-    (m, k), n = x8.shape, w8.shape[0]
+    k, n = x8.shape[1], w8.shape[0]
     if scaled_mm_supported(x8.device) and k % 16 == 0 and n % 16 == 0:
         if GEMM == "cublaslt" and x8.is_cuda and out_dtype in (torch.bfloat16, torch.float16):
             from . import cublaslt
@@ -259,13 +259,10 @@ def fp8_matmul(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_de
             out = cublaslt.fp8_gemm_or_none(x8, x_dequant, w8, w_dequant, bias, out_dtype, fast_accum=use_fast_accum)
             if out is not None:
                 return out
-        pad = -m % 16
-        if pad:
-            x8 = torch.cat([x8, x8.new_zeros(pad, k)])
         fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
         out = torch._scaled_mm(x8, w8.t(), scale_a=x_dequant.reshape(()), scale_b=w_dequant,
                                bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
-                               use_fast_accum=use_fast_accum)[:m]
+                               use_fast_accum=use_fast_accum)
         if bias is not None and not fused_bias:
             out = out + bias.to(out.dtype)
         return out
