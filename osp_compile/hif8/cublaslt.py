@@ -73,7 +73,10 @@ def _lib() -> ctypes.CDLL:
     if path is None:
         raise CublasLtError("no libcublasLt in this process or on the library path: the cuBLASLt FP8 GEMM needs "
                             "torch's CUDA build (which ships it)")
-    lib = ctypes.CDLL(path)
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        raise CublasLtError(f"cannot load {path}: {exc}") from exc
     p, i, u64, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64
     pp = ctypes.POINTER(ctypes.c_void_p)
     signatures = {

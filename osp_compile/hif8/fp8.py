@@ -249,8 +249,8 @@ def fp8_matmul(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_de
     [M, K] and ``w8`` [N, K] with float32 0-dim dequantization scales.
 
     On CUDA capability >= 8.9 with K and N multiples of 16: cuBLASLt (`GEMM`; 16-bit outputs), or
-    ``torch._scaled_mm`` (any number of rows: it needs K and N multiples of 16 only); else emulated in float32 (E4M3 x E4M3 products are
-    exact there)."""
+    ``torch._scaled_mm`` (any number of rows: it needs K and N multiples of 16 only); else
+    emulated in float32 (E4M3 x E4M3 products are exact there)."""
     k, n = x8.shape[1], w8.shape[0]
     if scaled_mm_supported(x8.device) and k % 16 == 0 and n % 16 == 0:
         if GEMM == "cublaslt" and x8.is_cuda and out_dtype in (torch.bfloat16, torch.float16):
