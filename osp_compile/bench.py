@@ -647,6 +647,8 @@ def table(result: dict) -> str:
     for g in result.get("fp8_gemms", ()):
         if "refused" in g:
             how = f"torch._scaled_mm, cuBLASLt refused it ({g['refused']})"
+        elif g.get("cached"):
+            how = f"cuBLASLt candidate {g['chosen']} of {g['candidates']} (the pick cached by an earlier run)"
         elif g["candidates_ms"] is None:
             how = f"cuBLASLt's first guess of {g['candidates']}, not timed"
         else:

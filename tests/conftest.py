@@ -3,6 +3,8 @@ import sys
 
 # idle OpenMP threads must not spin: tests share two cores with spawned ranks and each other
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the FP8 GEMMs' timed picks are not kept between tests (nor in the user's cache): each run times anew
+os.environ["OSP_FP8_GEMM_CACHE"] = ""
 
 import pytest
 import torch

@@ -1,7 +1,12 @@
 """The FP8 GEMM through cuBLASLt (``osp_compile/hif8/cublaslt.py``): every candidate the tuning
-may pick computes the GEMM (float64 reference), the pick is recorded, a refused problem runs
-through ``torch._scaled_mm`` with a warning, CUDA graphs record it; bad operands are refused
-with the reason on any machine."""
+may pick computes the GEMM (float64 reference), the pick is recorded and cached for later
+processes, a refused problem runs through ``torch._scaled_mm`` with a warning, CUDA graphs record
+it; bad operands are refused with the reason, and the pick cache is read and written as
+documented, on any machine."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -38,6 +43,86 @@ def test_bad_operands_are_refused_with_the_reason():
         args.update(change)
         with pytest.raises(cublaslt.CublasLtError, match=reason):
             cublaslt.fp8_gemm(**args)
+
+
+def test_an_unknown_gemm_library_is_refused_at_import():
+    run = subprocess.run([sys.executable, "-c", "import osp_compile.hif8.fp8"], capture_output=True, text=True,
+                         env={"OSP_FP8_GEMM": "cutlass", "PATH": ""})
+    assert run.returncode != 0 and "OSP_FP8_GEMM='cutlass': use one of ('cublaslt', 'scaled_mm')" in run.stderr
+
+
+class _FakePlan:
+    def __init__(self, candidates: int):
+        self.algos, self.chosen, self.timings, self.cached = [object()] * candidates, None, None, False
+
+
+@pytest.fixture
+def pick_cache(tmp_path, monkeypatch):
+    """The pick cache in a temporary file, keyed without a GPU."""
+    path = tmp_path / "picks.json"
+    monkeypatch.setenv("OSP_FP8_GEMM_CACHE", str(path))
+    monkeypatch.setattr(cublaslt, "_cache_key", lambda p: f"{p.m}x{p.k} @ {p.k}x{p.n}")
+    return path
+
+
+def test_a_timed_pick_is_kept_and_read_back_by_a_later_process(pick_cache, monkeypatch):
+    problem = cublaslt._Problem(0, 75600, 5120, 13824, 14, True, True)
+    timed = []
+
+    def tune(plan, run):
+        timed.append(plan)
+        plan.timings = [7.9, 7.5, 7.3]
+        return 2
+
+    monkeypatch.setattr(cublaslt, "_tune", tune)
+    first = _FakePlan(3)
+    assert cublaslt._choose(problem, first, run=None) == 2 and len(timed) == 1 and not first.cached
+    entry = json.loads(pick_cache.read_text())["75600x13824 @ 13824x5120"]
+    assert entry == {"chosen": 2, "candidates": 3, "ms": [7.9, 7.5, 7.3]}
+    later = _FakePlan(3)  # a new process: a new plan, the same problem
+    assert cublaslt._choose(problem, later, run=None) == 2 and len(timed) == 1 and later.cached
+    other = cublaslt._Problem(0, 4096, 5120, 5120, 14, True, True)
+    assert cublaslt._choose(other, _FakePlan(3), run=None) == 2 and len(timed) == 2
+    assert len(json.loads(pick_cache.read_text())) == 2  # both problems kept
+
+
+def test_a_pick_that_no_longer_fits_is_timed_again(pick_cache, monkeypatch):
+    problem = cublaslt._Problem(0, 300, 64, 128, 14, False, False)
+    monkeypatch.setattr(cublaslt, "_tune", lambda plan, run: 1)
+    pick_cache.write_text(json.dumps({"300x128 @ 128x64": {"chosen": 5, "candidates": 8}}))
+    assert cublaslt._cached_pick(problem, _FakePlan(4)) is None  # another candidate count: another library state
+    pick_cache.write_text(json.dumps({"300x128 @ 128x64": {"chosen": 7, "candidates": 4}}))
+    assert cublaslt._cached_pick(problem, _FakePlan(4)) is None  # out of range
+    pick_cache.write_text("{not json")
+    assert cublaslt._cached_pick(problem, _FakePlan(4)) is None
+    assert cublaslt._choose(problem, _FakePlan(4), run=None) == 1  # and the corrupt file is replaced
+    assert json.loads(pick_cache.read_text())["300x128 @ 128x64"]["chosen"] == 1
+
+
+def test_the_pick_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSP_FP8_GEMM_CACHE", "")
+    assert cublaslt._cache_path() is None
+    monkeypatch.setattr(cublaslt, "_tune", lambda plan, run: 0)
+    monkeypatch.setattr(cublaslt, "_cache_key", lambda p: pytest.fail("no cache, no key"))
+    assert cublaslt._choose(cublaslt._Problem(0, 16, 16, 16, 14, False, False), _FakePlan(2), run=None) == 0
+    monkeypatch.delenv("OSP_FP8_GEMM_CACHE")  # unset: the default file
+    assert cublaslt._cache_path().endswith("osp_fp8_gemms.json")
+
+
+@needs_sm89
+def test_a_later_process_runs_the_cached_pick(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSP_FP8_GEMM_CACHE", str(tmp_path / "picks.json"))
+    monkeypatch.setattr(cublaslt, "_PLANS", {})
+    monkeypatch.setattr(cublaslt, "_REFUSED", {})
+    x8, x_dequant, w8, w_dequant, bias = _operands(1024, 256, 512, "cuda", seed=7)
+    first = cublaslt.fp8_gemm(x8, x_dequant, w8, w_dequant, bias)
+    (row,) = cublaslt.tuning_report()
+    assert row["candidates_ms"] is not None and not row["cached"]
+    monkeypatch.setattr(cublaslt, "_PLANS", {})  # as in a new process
+    monkeypatch.setattr(cublaslt, "_tune", lambda plan, run: pytest.fail("timed again"))
+    again = cublaslt.fp8_gemm(x8, x_dequant, w8, w_dequant, bias)
+    (row_again,) = cublaslt.tuning_report()
+    assert row_again["cached"] and row_again["chosen"] == row["chosen"] and torch.equal(first, again)
 
 
 @needs_sm89

@@ -9,6 +9,11 @@ times them on the first call of each problem (`_tune`; the choice and the times 
 other tiles and schedules; at the block's shapes their outputs were bitwise equal to
 ``_scaled_mm``'s.
 
+The picks are kept in a JSON file (`_cache_path`: ``$OSP_FP8_GEMM_CACHE``, by default
+``osp_fp8_gemms.json`` in Inductor's cache directory; an empty value turns it off), keyed by GPU
+name, cuBLASLt version and problem, so a later process runs the same algorithms without timing
+them again: candidates within a percent or two of each other otherwise swap places from run to run.
+
 Called through ``ctypes`` on the ``libcublasLt`` that torch itself loaded (``/proc/self/maps``),
 so no extension is built and the library is the one ``_scaled_mm`` runs.  Descriptors and
 candidates are made once per problem (`_plan`); a call sets its pointers and launches on torch's
@@ -26,6 +31,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -93,6 +101,7 @@ def _lib() -> ctypes.CDLL:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    lib.cublasLtGetVersion.argtypes, lib.cublasLtGetVersion.restype = (), ctypes.c_size_t
     return lib
 
 
@@ -123,6 +132,7 @@ class _Plan:
     algos: list  # the heuristic's candidates, best guess first
     chosen: int | None = None  # index into algos, once tuned
     timings: list | None = None  # ms per candidate, from the tuning
+    cached: bool = False  # chosen read from the pick cache, not timed here
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,7 +161,7 @@ def tuning_report() -> list[dict]:
     """Per problem this process ran: its shape, the candidates' times (ms) and the one chosen; or
     why cuBLASLt refused it (`fp8_gemm_or_none`)."""
     rows = [{"m": p.m, "n": p.n, "k": p.k, "bias": p.bias, "fast_accum": p.fast_accum, "candidates": len(plan.algos),
-             "chosen": plan.chosen, "candidates_ms": plan.timings} for p, plan in _PLANS.items()]
+             "chosen": plan.chosen, "candidates_ms": plan.timings, "cached": plan.cached} for p, plan in _PLANS.items()]
     return rows + [{"m": p.m, "n": p.n, "k": p.k, "refused": why} for p, why in _REFUSED.items()]
 
 
@@ -231,6 +241,74 @@ def _tune(plan: _Plan, run, rounds: int = 5, repeats: int = 5) -> int:
     return medians.index(min(medians))
 
 
+def _cache_path() -> str | None:
+    """Where timed picks are kept (module docstring); None: not kept."""
+    path = os.environ.get("OSP_FP8_GEMM_CACHE")
+    if path is None:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+            directory = cache_dir()
+        except ImportError:
+            directory = tempfile.gettempdir()
+        path = os.path.join(directory, "osp_fp8_gemms.json")
+    return path or None
+
+
+def _cache_key(problem: _Problem) -> str:
+    return (f"{torch.cuda.get_device_name(problem.device)} | cuBLASLt {_lib().cublasLtGetVersion()} | "
+            f"{problem.m}x{problem.k} @ {problem.k}x{problem.n} | out {problem.out_type} | bias {problem.bias} | "
+            f"fast_accum {problem.fast_accum}")
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            picks = json.load(f)
+        return picks if isinstance(picks, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: time again
+        return {}
+
+
+def _cached_pick(problem: _Problem, plan: _Plan) -> int | None:
+    """The pick kept for this problem, if it still fits its candidates."""
+    path = _cache_path()
+    entry = _read_cache(path).get(_cache_key(problem)) if path else None
+    if not isinstance(entry, dict) or entry.get("candidates") != len(plan.algos):
+        return None
+    chosen = entry.get("chosen")
+    return chosen if isinstance(chosen, int) and 0 <= chosen < len(plan.algos) else None
+
+
+def _keep_pick(problem: _Problem, plan: _Plan) -> None:
+    """Add this problem's pick to the cache file (written whole, then renamed: readers never see a
+    half-written file; concurrent writers may drop each other's new entries, which are timed again)."""
+    path = _cache_path()
+    if not path:
+        return
+    picks = _read_cache(path)
+    picks[_cache_key(problem)] = {"chosen": plan.chosen, "candidates": len(plan.algos), "ms": plan.timings}
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(picks, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"osp_compile: cannot keep the FP8 GEMM picks in {path} ({exc}); set OSP_FP8_GEMM_CACHE to a "
+                      "writable file, or to an empty value to turn the cache off", stacklevel=3)
+
+
+def _choose(problem: _Problem, plan: _Plan, run) -> int:
+    """The candidate to run from now on: the cached pick, else the fastest by `_tune` (kept)."""
+    cached = _cached_pick(problem, plan)
+    if cached is not None:
+        plan.cached = True
+        return cached
+    plan.chosen = _tune(plan, run)
+    _keep_pick(problem, plan)
+    return plan.chosen
+
+
 _REFUSED: dict[_Problem, str] = {}
 
 
@@ -254,8 +332,8 @@ def fp8_gemm(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_dequ
              tune: bool = True, algo_index: int | None = None) -> torch.Tensor:
     """``x8 @ w8^T * x_dequant * w_dequant + bias`` in ``out_dtype``: what ``torch._scaled_mm``
     computes with per-tensor scales, with cuBLASLt's algorithm chosen by timing (``tune``: the
-    first call of each problem times the heuristic's candidates; else its first guess, or
-    ``algo_index``).
+    first call of each problem takes the cached pick or times the heuristic's candidates; else
+    its first guess, or ``algo_index``).
 
     ``x8`` [M, K] and ``w8`` [N, K] contiguous E4M3, the dequantization scales float32 with one
     element, ``bias`` [N] (cast to ``out_dtype``, as cuBLASLt takes it).  Raises `CublasLtError`
@@ -272,7 +350,8 @@ def fp8_gemm(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_dequ
     if not (x8.is_cuda and w8.is_cuda):
         raise CublasLtError(f"x8 on {x8.device}, w8 on {w8.device}: cuBLASLt needs CUDA tensors")
     device = x8.device.index if x8.device.index is not None else torch.cuda.current_device()
-    plan = _plan(_Problem(device, m, n, k, _OUT_TYPES[out_dtype], bias is not None, fast_accum))
+    problem = _Problem(device, m, n, k, _OUT_TYPES[out_dtype], bias is not None, fast_accum)
+    plan = _plan(problem)
     out = torch.empty(m, n, dtype=out_dtype, device=x8.device)
     x_scale, w_scale = x_dequant.to(torch.float32).contiguous(), w_dequant.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(out_dtype).contiguous()
@@ -282,7 +361,7 @@ def fp8_gemm(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_dequ
 
     if algo_index is None:
         if plan.chosen is None and tune and len(plan.algos) > 1 and not torch.cuda.is_current_stream_capturing():
-            plan.chosen = _tune(plan, run)
+            plan.chosen = _choose(problem, plan, run)
         algo_index = plan.chosen or 0
     run(plan.algos[algo_index])
     return out  # the scale and bias copies may be freed now: the allocator reuses memory in this stream's order

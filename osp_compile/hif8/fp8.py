@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -236,11 +237,15 @@ def fp8_linear(x: torch.Tensor, weight: E4M3Weight, bias: torch.Tensor | None = 
     return out.reshape(*x.shape[:-1], weight.data.shape[0])
 
 
-GEMM = "cublaslt"
-"""The CUDA FP8 GEMM: ``"cublaslt"`` (`cublaslt.fp8_gemm`: cuBLASLt called directly, its algorithm
-timed per shape on first use; where cuBLASLt refuses a problem, ``torch._scaled_mm``) or
-``"scaled_mm"``.  Read at run time, so one compiled graph can be timed with both
+GEMMS = ("cublaslt", "scaled_mm")
+GEMM = os.environ.get("OSP_FP8_GEMM", "cublaslt")
+"""The CUDA FP8 GEMM (``$OSP_FP8_GEMM``): ``"cublaslt"`` (`cublaslt.fp8_gemm`: cuBLASLt called
+directly, its algorithm timed per shape on first use or read from the pick cache; where cuBLASLt
+refuses a problem, ``torch._scaled_mm``) or ``"scaled_mm"`` (the heuristic's first guess, as torch
+runs it).  Read at run time, so one compiled graph can be timed with both
 (``scripts/gpu_fp8_gemm_ab.py``)."""
+if GEMM not in GEMMS:
+    raise ValueError(f"OSP_FP8_GEMM={GEMM!r}: use one of {GEMMS} (or unset it for cublaslt)")
 
 
 def fp8_matmul(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_dequant: torch.Tensor,
