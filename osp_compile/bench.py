@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from .models import patch_grid
+from .oracle import rel_err
 
 VARIANT_HELP = {
     "dense-eager": "the model as written, eager",
@@ -91,6 +92,7 @@ class Row:
     compile_s: float | None = None
     peak_gib: float | None = None
     speedup_vs_inductor: float | None = None
+    rel_err: float | None = None  # ||out - ref|| / ||ref||, ref: the reference variant's output (first steps)
     note: str = ""
     gpu_state: dict = field(default_factory=dict)
     breakdown: dict = field(default_factory=dict)
@@ -465,6 +467,15 @@ def attention_calls(gpu_events) -> list[dict]:
     return [{"ms": round(e.time_range.elapsed_us() / 1e3, 3), "name": e.name[:60]} for e in events]
 
 
+def _output_tensor(out) -> torch.Tensor | None:
+    """The model's output tensor: the tensor itself, a tuple's first, or diffusers' ``.sample``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _output_tensor(out[0])
+    return _output_tensor(getattr(out, "sample", None)) if hasattr(out, "sample") else None
+
+
 def _timed(step: Callable, timer: Callable, iters: int, sampler: GPUSampler) -> list[float]:
     with sampler:
         return [timer(step) for _ in range(iters)]
@@ -513,7 +524,7 @@ def _interleaved_rounds(live: dict[str, tuple[Row, Callable]], timer: Callable, 
 def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None = None, num_full_blocks: int | None = None,
         sparse_ratio: int = 2, variants=DEFAULT_VARIANTS, warmup: int = 2, iters: int = 5, device: str = "cuda",
         profile: bool = True, progress: bool = True, partial_json: str | None = None, rounds: int = 1,
-        frames: int | None = None) -> dict:
+        frames: int | None = None, reference: str | None = None) -> dict:
     """One step of each variant, side by side (see the module docstring). ``partial_json``: rewrite
     this file after every variant with the rows so far, so that a run cut short keeps them.
 
@@ -522,12 +533,22 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
     gets its per-round medians and its per-round ratios to the baseline, whose spread says how far
     a single run's ratio can be trusted. Peak memory then includes what the variants compiled
     before held (their weights and HiF8 codes). Ablations patch code while they run, so they time
-    alone (rounds=1)."""
+    alone (rounds=1).
+
+    ``reference``: the variant whose first-step output every other one is compared with (relative
+    error of the outputs, each row's ``rel_err``); default dense + Inductor, else dense eager. With
+    ``osp-hif8-fast`` as the reference, ``osp-hif8-fast-graphs`` shows what CUDA graphs change.
+    Ablations give no output to compare."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device here: the bench times steps on a GPU (--device cpu runs a smoke test, "
                          "with a small --preset and --frames)")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: need at least 1")
+    if reference is None:
+        reference = next((v for v in ("dense-inductor", "dense-eager") if v in variants), None)
+    elif reference not in variants or reference in ABLATIONS:
+        raise ValueError(f"reference={reference!r}: name one of the variants run ({', '.join(variants)}), not an "
+                         "ablation")
     if rounds > 1 and any(v in ABLATIONS for v in variants):
         raise ValueError(f"rounds={rounds}: the ablations ({', '.join(v for v in variants if v in ABLATIONS)}) patch "
                          "code while they run and cannot be interleaved; time them with rounds=1")
@@ -544,7 +565,7 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         "preset": preset, "resolution": resolution, "frames": frames, "layers": total, "full_blocks": full, "sparse_ratio": sparse_ratio,
         "grid": grid, "tokens": grid[0] * grid[1] * grid[2], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": str(dtype), "warmup": warmup, "iters": iters, "rounds": rounds,
-        "layer_reduced": work.layer_reduced,
+        "layer_reduced": work.layer_reduced, "reference": reference,
     }
     rows: list[Row] = []
 
@@ -571,6 +592,7 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
 
         iterator = tqdm(variants, desc="bench", unit="variant")
     live: dict[str, tuple[Row, Callable]] = {}  # rounds > 1: compiled variants, timed after all compiled
+    outputs: dict[str, torch.Tensor] = {}  # each valid variant's first-step output, on the CPU
     for variant in iterator:
         ablation = ABLATIONS.get(variant)
         row = Row(variant, note=VARIANT_HELP[variant] if ablation else "")
@@ -584,7 +606,10 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
                 t0 = time.perf_counter()
                 fn = make(variant)
                 step = functools.partial(fn, *args, **kwargs)
-                step()
+                out = _output_tensor(step())
+                if out is not None and not ablation:  # copied now: a CUDA graph's replay overwrites its outputs
+                    outputs[variant] = out.detach().float().cpu()
+                del out  # the GPU copy: not held through the other variants' compiles
                 if device == "cuda":
                     torch.cuda.synchronize()
                 row.compile_s = round(time.perf_counter() - t0, 1)
@@ -615,6 +640,8 @@ def run(preset: str = "wan-1.3b", resolution: str = "480p", layers: int | None =
         if baseline and r.median_ms and r.variant not in ABLATIONS:
             r.speedup_vs_inductor = round(baseline.median_ms / r.median_ms, 3)
             r.round_speedups = [round(b / m, 3) for b, m in zip(baseline.round_medians_ms, r.round_medians_ms)]
+        if reference in outputs and r.variant in outputs:
+            r.rel_err = float(f"{rel_err(outputs[r.variant], outputs[reference]):.3g}")
     timed = {r.variant: r.median_ms for r in rows if r.median_ms}
     costs = []
     for name, a in ABLATIONS.items():
@@ -635,7 +662,8 @@ def table(result: dict) -> str:
             f"{result['full_blocks']} full, P={result['sparse_ratio']}, {result['dtype']}, {result['device']}, "
             f"torch {result['torch']}, median of {_samples(result)}")
     rows = [{"variant": r["variant"], "median ms": r["median_ms"], "min ms": r["min_ms"], "x vs dense+inductor":
-             r["speedup_vs_inductor"], **_rounds_cell(result, r), "compile s": r["compile_s"], "peak GiB": r["peak_gib"],
+             r["speedup_vs_inductor"], **_rounds_cell(result, r), f"rel err vs {result.get('reference')}": r.get("rel_err"),
+             "compile s": r["compile_s"], "peak GiB": r["peak_gib"],
              "SM MHz / W / power-capped": _gpu_state_cell(r.get("gpu_state") or {}), "note": r["note"]}
             for r in result["rows"]]
     lines = [head, format_table(rows)]

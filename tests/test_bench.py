@@ -120,6 +120,13 @@ def test_rounds_run_compiled_variants_side_by_side_and_refuse_ablations():
     assert result["rounds"] == 2
     assert [len(r["round_medians_ms"]) for r in result["rows"]] == [2, 2]
     assert all(r["median_ms"] and not r["note"] for r in result["rows"])
+    # the outputs compared with the reference's (dense eager here): every site sparse changes the output
+    # (a little: the tiny model's random attention is nearly uniform)
+    assert result["reference"] == "dense-eager" and [r["rel_err"] for r in result["rows"]][0] == 0.0
+    assert 0 < result["rows"][1]["rel_err"] < 2, result["rows"][1]
+    assert "rel err vs dense-eager" in bench.table(result)
+    with pytest.raises(ValueError, match="reference='osp-backend': name one of the variants run"):
+        bench.run("tiny", variants=["dense-eager"], device="cpu", reference="osp-backend")
     with pytest.raises(ValueError, match="cannot be interleaved"):
         bench.run("tiny", variants=["dense-eager", "osp-no-relayout"], device="cpu", rounds=2)
     with pytest.raises(ValueError, match="at least 1"):

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="1: time each variant right after compiling it. N > 1: compile all, keep them, then time "
                         "them in N interleaved rounds (A B, B A, ...) and show each round's ratio to the baseline")
+    p.add_argument("--reference", default=None,
+                   help="variant whose first-step output the others are compared with (column 'rel err'); "
+                        "default dense-inductor, else dense-eager. E.g. osp-hif8-fast, beside osp-hif8-fast-graphs")
     p.add_argument("--device", default="cuda", help="cuda (timings to report) or cpu (smoke test only)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
     p.add_argument("--json", default=None, help="write the result here (rewritten after each variant)")
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, args.resolution, args.layers, args.num_full_blocks, args.sparse_ratio,
                        [v for v in args.variants.split(",") if v], args.warmup, args.iters, args.device,
                        profile=not args.no_profile, partial_json=args.json, rounds=args.rounds,
-                       frames=args.frames)
+                       frames=args.frames, reference=args.reference)
     if args.json:
         dump(result, args.json)
     print(table(result))
