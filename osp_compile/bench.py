@@ -12,7 +12,9 @@ OSP + ``quant="hif8-infer"`` (when its kernels exist for the device; ``osp-hif8-
 after warm-up (CUDA events), peak memory, compile time; a profiler breakdown of the OSP step
 (attention, GEMMs, layout changes, the rest), its top kernels and every attention launch in order
 say where the time goes. ``nvidia-smi`` is sampled while the steps are timed: a long step can hold
-the GPU at its power cap, with clocks far below those a short microbenchmark sees.
+the GPU at its power cap, with clocks far below those a short microbenchmark sees. Each variant's
+first-step output is compared with a reference variant's (``reference``): what a speedup costs
+in output. On CUDA the FP8 GEMMs' timed cuBLASLt picks are listed (``hif8/cublaslt.py``).
 
 What the layout costs is measured, not inferred from kernel names (Inductor fuses the token
 gathers into neighbouring norms, so no kernel is "the relayout"): the ablation ``osp-no-relayout``
