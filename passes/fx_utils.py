@@ -197,3 +197,20 @@ def linear_calls(gm: fx.GraphModule) -> list[dict]:
             out.append({"node": node, "input": node.args[1], "weight": node.args[2], "bias": node.args[0],
                         "form": "addmm", "fqn": param_fqn(node.args[2])})
     return out
+
+
+def declare_store_to_aot(gm: fx.GraphModule, store_name: str, names: Sequence[str]) -> None:
+    """Name a Dynamo source for each of a store submodule's tensors ``store_name.<name>``, as
+    Dynamo does for the parameters it bakes in.
+
+    Under Inductor, AOTAutograd lifts a graph module's parameters and buffers to inputs and needs a
+    source for each (it dedups guards by source); a store that a pass added (HiF8 codes, LoRA
+    adapters) is not Dynamo's, so its tensors get a constant source of their own. Outside Dynamo
+    (an FX trace, export) there is nothing to declare."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:
+        return
+    from torch._dynamo.source import ConstantSource
+
+    for name in names:
+        sources.setdefault(f"{store_name}.{name}", ConstantSource(f"__{store_name}_{name.replace('.', '_')}"))

@@ -42,7 +42,7 @@ import torch.fx as fx
 from osp_compile.errors import OSPAnalysisError
 from osp_compile.hif8 import inference, qat  # noqa: F401  (qat defines osp::hif8_qat_linear)
 from osp_compile.report import PassReport
-from .fx_utils import downstream, linear_calls, meta_value, op_args, shape_of
+from .fx_utils import declare_store_to_aot, downstream, linear_calls, meta_value, op_args, shape_of
 from .token_layout import sp_info
 
 DEFAULT_EXCLUDE = (
@@ -96,19 +96,6 @@ def fake_like(like: fx.Node, real: torch.Tensor):
     the node (the LoRA pass sizes its adapters from it)."""
     mode = getattr(meta_value(like), "fake_mode", None)
     return mode.from_tensor(real, static_shapes=True) if mode is not None else real
-
-
-def declare_to_aot(gm: fx.GraphModule, store: torch.nn.Module, names=None) -> None:
-    """Under Inductor, AOTAutograd lifts a graph module's buffers to inputs and needs a source for
-    each (it dedups guards by source); the store's buffers are not Dynamo's, so name them here.
-    ``names``: only these buffers (the ones just added), else all of the store's."""
-    sources = getattr(gm, "_param_name_to_source", None)
-    if sources is None:  # not a Dynamo graph (FX trace, export)
-        return
-    from torch._dynamo.source import ConstantSource
-
-    for name in names if names is not None else (n for n, _ in store.named_buffers()):
-        sources.setdefault(f"{STORE_NAME}.{name}", ConstantSource(f"__{STORE_NAME}_{name.replace('.', '_')}"))
 
 
 def store_attr(g: fx.Graph, store: torch.nn.Module, attr: str, like: fx.Node) -> fx.Node:
@@ -243,7 +230,7 @@ def hif8_linear_pass(gm: fx.GraphModule, ctx) -> tuple[fx.GraphModule, PassRepor
                 weight = weight_t
             replaced[node] = _replace(g, node, torch.ops.osp.hif8_qat_linear.default, (x, weight, call["bias"], *extra))
     if infer:
-        declare_to_aot(gm, store)
+        declare_store_to_aot(gm, STORE_NAME, [name for name, _ in store.named_buffers()])
         for node in gm.graph.find_nodes(op="call_function", target=torch.ops.osp.hif8_linear.default):
             node.meta[inference.FAST_ACCUM_KEY] = ctx.config.fp8_fast_accum  # read by lowering's CUDA kernel choice
     gm.recompile()

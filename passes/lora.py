@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import osp_compile.ops  # noqa: F401  (defines the osp namespace this file adds to)
 from osp_compile.report import PassReport
-from .fx_utils import linear_calls, meta_value, shape_of
+from .fx_utils import declare_store_to_aot, linear_calls, meta_value, shape_of
 
 if TYPE_CHECKING:
     from osp_compile.pipeline import PassContext
@@ -155,23 +155,6 @@ def _features(call: dict) -> tuple[int, int, bool]:
     return cols, rows, False
 
 
-def _declare_to_aot(gm: fx.GraphModule) -> None:
-    """Name a source for each store tensor, as Dynamo does for the parameters it bakes in.
-
-    Under Inductor, AOTAutograd lifts the graph module's parameters and buffers to inputs and
-    requires each to have a Dynamo source (it dedups guards by source); the store's tensors are
-    not Dynamo's, so they get a constant source of their own.
-    """
-    sources = getattr(gm, "_param_name_to_source", None)
-    if sources is None:  # not a Dynamo graph (FX trace, export): nothing to declare
-        return
-    from torch._dynamo.source import ConstantSource
-
-    store = gm.get_submodule(STORE_NAME)
-    for name, _ in [*store.named_parameters(), *store.named_buffers()]:
-        sources.setdefault(f"{STORE_NAME}.{name}", ConstantSource(f"__{STORE_NAME}_{name.replace('.', '_')}"))
-
-
 def lora_pass(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassReport]:
     """Add an adapter beside every linear whose weight name matches `config.lora_targets`."""
     cfg = ctx.config
@@ -202,7 +185,7 @@ def lora_pass(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, Pas
         for n in (delta, out):
             n.meta.update({k: node.meta[k] for k in ("example_value", "nn_module_stack", "stack_trace") if k in node.meta})
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-    _declare_to_aot(gm)
+    declare_store_to_aot(gm, STORE_NAME, [n for n, _ in [*store.named_parameters(), *store.named_buffers()]])
     gm.recompile()
     adapted = sum(r["adapter"] == "yes" for r in rows)
     return gm, PassReport(

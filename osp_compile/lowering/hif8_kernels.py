@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from osp_compile.hif8 import api, fp8, inference, triton_gemm, triton_kernels
 from osp_compile.hif8.group import group_amax
 from osp_compile.hif8.qat import X_SCALE_MAX
-from passes.fx_utils import differentiated, meta_value, op_args
-from passes.hif8_linear import STORE_NAME, declare_to_aot, store_attr, store_fqn
+from passes.fx_utils import declare_store_to_aot, differentiated, meta_value, op_args
+from passes.hif8_linear import STORE_NAME, store_attr, store_fqn
 
 from .registry import register_kernel
 
@@ -189,7 +189,7 @@ def expand_fp8(gm: fx.GraphModule, node: fx.Node, shared: dict, fast_accum: bool
     for weight_node in (a["codes"], a["scale"]):
         if not weight_node.users:
             g.erase_node(weight_node)
-    declare_to_aot(gm, store, (data_attr, dequant_attr))
+    declare_store_to_aot(gm, STORE_NAME, (data_attr, dequant_attr))
     return out
 
 
