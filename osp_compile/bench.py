@@ -475,7 +475,7 @@ def _output_tensor(out) -> torch.Tensor | None:
         return out
     if isinstance(out, (tuple, list)) and out:
         return _output_tensor(out[0])
-    return _output_tensor(getattr(out, "sample", None)) if hasattr(out, "sample") else None
+    return _output_tensor(out.sample) if hasattr(out, "sample") else None
 
 
 def _timed(step: Callable, timer: Callable, iters: int, sampler: GPUSampler) -> list[float]:

@@ -125,6 +125,12 @@ class _Problem:
     fast_accum: bool
 
 
+def _problem_of(x8: torch.Tensor, w8: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                fast_accum: bool) -> _Problem:
+    return _Problem(x8.device.index or 0, x8.shape[0], w8.shape[0], x8.shape[-1], _OUT_TYPES.get(out_dtype, -1),
+                    bias is not None, fast_accum)
+
+
 @dataclass
 class _Plan:
     desc: ctypes.c_void_p
@@ -220,14 +226,15 @@ def _tune(plan: _Plan, run, rounds: int = 5, repeats: int = 5) -> int:
     over them (so clock drift reaches all alike), each ``repeats`` launches; the least median wins
     (kept in ``plan.timings``, ms per launch; inf for a candidate that failed to launch)."""
     times = [[] for _ in plan.algos]
-    for i, algo in enumerate(plan.algos):  # a candidate that fails to launch is never chosen
+    failed = set()  # candidates that fail to launch: never chosen
+    for i, algo in enumerate(plan.algos):
         try:
             run(algo)
         except CublasLtError:
-            times[i] = [float("inf")]
+            failed.add(i)
     for _ in range(rounds):
         for i, algo in enumerate(plan.algos):
-            if times[i] == [float("inf")]:
+            if i in failed:
                 continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -236,7 +243,7 @@ def _tune(plan: _Plan, run, rounds: int = 5, repeats: int = 5) -> int:
             end.record()
             end.synchronize()
             times[i].append(start.elapsed_time(end))
-    medians = [sorted(t)[len(t) // 2] / repeats for t in times]
+    medians = [float("inf") if i in failed else sorted(t)[len(t) // 2] / repeats for i, t in enumerate(times)]
     plan.timings = medians
     return medians.index(min(medians))
 
@@ -319,8 +326,7 @@ def fp8_gemm_or_none(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor
     try:
         return fp8_gemm(x8, x_dequant, w8, w_dequant, bias, out_dtype, fast_accum=fast_accum)
     except CublasLtError as exc:
-        key = _Problem(x8.device.index or 0, x8.shape[0], w8.shape[0], x8.shape[-1], _OUT_TYPES.get(out_dtype, -1),
-                       bias is not None, fast_accum)
+        key = _problem_of(x8, w8, bias, out_dtype, fast_accum)
         if key not in _REFUSED:
             _REFUSED[key] = str(exc)
             warnings.warn(f"osp_compile: {exc}; this GEMM runs through torch._scaled_mm", stacklevel=2)
@@ -344,15 +350,14 @@ def fp8_gemm(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_dequ
         if t.dtype != torch.float8_e4m3fn or t.dim() != 2 or not t.is_contiguous() or t.data_ptr() % 16:
             raise CublasLtError(f"{name} must be a contiguous, 16-byte aligned 2-D float8_e4m3fn tensor, got "
                                 f"{t.dtype} {tuple(t.shape)} strides {t.stride()}")
-    (m, k), n = x8.shape, w8.shape[0]
+    k, n = x8.shape[1], w8.shape[0]
     if w8.shape[1] != k or k % 16 or n % 16:
         raise CublasLtError(f"x8 {tuple(x8.shape)} @ w8 {tuple(w8.shape)}^T: K must match and K, N be multiples of 16")
     if not (x8.is_cuda and w8.is_cuda):
         raise CublasLtError(f"x8 on {x8.device}, w8 on {w8.device}: cuBLASLt needs CUDA tensors")
-    device = x8.device.index if x8.device.index is not None else torch.cuda.current_device()
-    problem = _Problem(device, m, n, k, _OUT_TYPES[out_dtype], bias is not None, fast_accum)
+    problem = _problem_of(x8, w8, bias, out_dtype, fast_accum)  # a CUDA tensor's device has its index
     plan = _plan(problem)
-    out = torch.empty(m, n, dtype=out_dtype, device=x8.device)
+    out = torch.empty(problem.m, n, dtype=out_dtype, device=x8.device)
     x_scale, w_scale = x_dequant.to(torch.float32).contiguous(), w_dequant.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(out_dtype).contiguous()
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import api, codec, triton_kernels
+from . import api, codec, cublaslt, triton_kernels
 from .group import group_amax, reduce_amax
 from .qat import X_SCALE_MAX
 
@@ -258,13 +258,12 @@ def fp8_matmul(x8: torch.Tensor, x_dequant: torch.Tensor, w8: torch.Tensor, w_de
     emulated in float32 (E4M3 x E4M3 products are exact there)."""
     k, n = x8.shape[1], w8.shape[0]
     if scaled_mm_supported(x8.device) and k % 16 == 0 and n % 16 == 0:
-        if GEMM == "cublaslt" and x8.is_cuda and out_dtype in (torch.bfloat16, torch.float16):
-            from . import cublaslt
-
+        sixteen_bit = out_dtype in (torch.bfloat16, torch.float16)  # cuBLASLt's FP8 bias epilogue writes these
+        if GEMM == "cublaslt" and x8.is_cuda and sixteen_bit:
             out = cublaslt.fp8_gemm_or_none(x8, x_dequant, w8, w_dequant, bias, out_dtype, fast_accum=use_fast_accum)
             if out is not None:
                 return out
-        fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
+        fused_bias = bias is not None and sixteen_bit
         out = torch._scaled_mm(x8, w8.t(), scale_a=x_dequant.reshape(()), scale_b=w_dequant,
                                bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
                                use_fast_accum=use_fast_accum)

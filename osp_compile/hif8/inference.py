@@ -170,10 +170,15 @@ class HiF8WeightStore(nn.Module):
             self.put(fqn, *quantize_weight(weight))
         return fqn, fqn + SCALE_SUFFIX
 
-    def entry(self, fqn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stored(self, fqn: str) -> tuple[nn.Module, str]:
+        """``_owner`` of a weight the store holds; a KeyError for any other."""
         owner, leaf = self._owner(fqn, create=False)
         if owner is None or fqn not in self.fqns:
             raise KeyError(f"no HiF8 weight {fqn!r} in the store")
+        return owner, leaf
+
+    def entry(self, fqn: str) -> tuple[torch.Tensor, torch.Tensor]:
+        owner, leaf = self._stored(fqn)
         return getattr(owner, leaf), getattr(owner, leaf + SCALE_SUFFIX)
 
     def e4m3_entry(self, fqn: str) -> tuple[str, str]:
@@ -183,9 +188,7 @@ class HiF8WeightStore(nn.Module):
         so they exist before a graph first runs: nothing is allocated inside a CUDA graph's pool.
         Not persistent (``state_dict``, the deployable artefact, holds codes and scales only);
         `load_hif8_state_dict` transcodes them again when it writes the codes."""
-        owner, leaf = self._owner(fqn, create=False)
-        if owner is None or fqn not in self.fqns:
-            raise KeyError(f"no HiF8 weight {fqn!r} in the store")
+        owner, leaf = self._stored(fqn)
         if not hasattr(owner, leaf + E4M3_SUFFIX):
             self._transcode(fqn)
         return fqn + E4M3_SUFFIX, fqn + DEQUANT_SUFFIX

@@ -158,12 +158,6 @@ def fp8_expansion_refusal(node: fx.Node) -> str | None:
     return None
 
 
-def _fast_accum_expansion_refusal(node: fx.Node) -> str | None:
-    if not node.meta.get(inference.FAST_ACCUM_KEY):
-        return "not asked for (OSPConfig.fp8_fast_accum=False)"
-    return fp8_expansion_refusal(node)
-
-
 def expand_fp8(gm: fx.GraphModule, node: fx.Node, shared: dict, fast_accum: bool = False) -> fx.Node:
     """Write a HiF8 linear node as ``osp_cuda::fp8_act_quant`` + ``osp_cuda::fp8_mm`` (module
     docstring). Linears that read the same ``x`` with the same ``group``, ``amax`` and GELU share
@@ -197,11 +191,15 @@ def _cuda_check(node) -> str | None:
     return triton_kernels.cuda_unavailable_reason()
 
 
-def _fast_accum_check(node) -> str | None:
-    """Chosen only when the config asks (``OSPConfig.fp8_fast_accum``; the HiF8 pass marks the node)."""
-    if not node.meta.get(inference.FAST_ACCUM_KEY):
-        return "not asked for (OSPConfig.fp8_fast_accum=False)"
-    return _cuda_check(node)
+def _when_fast_accum(check):
+    """``check``, for a kernel chosen only when the config asks for fast accumulation
+    (``OSPConfig.fp8_fast_accum``; the HiF8 pass marks the node)."""
+    def fast_accum_check(node: fx.Node) -> str | None:
+        if not node.meta.get(inference.FAST_ACCUM_KEY):
+            return "not asked for (OSPConfig.fp8_fast_accum=False)"
+        return check(node)
+
+    return fast_accum_check
 
 
 register_kernel("hif8_linear", "cpu", name="HiF8 reference (decode + float matmul)")(
@@ -209,16 +207,16 @@ register_kernel("hif8_linear", "cpu", name="HiF8 reference (decode + float matmu
 for _op in ("hif8_linear", "gelu_hif8_linear"):
     _what = "GELU in the shared HiF8 quantization" if _op == "gelu_hif8_linear" else "shared HiF8 quantization"
     register_kernel(_op, "cuda", name=f"{_what} + FP8 tensor cores (cuBLASLt, fast accumulation)",
-                    check=_fast_accum_expansion_refusal,
+                    check=_when_fast_accum(fp8_expansion_refusal),
                     expand=functools.partial(expand_fp8, fast_accum=True))(torch.ops.osp_cuda.fp8_mm.default)
     register_kernel(_op, "cuda", name=f"{_what} + FP8 tensor cores (cuBLASLt)", check=fp8_expansion_refusal,
                     expand=expand_fp8)(torch.ops.osp_cuda.fp8_mm.default)
 register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (cuBLASLt, fast accumulation)",
-                check=_fast_accum_check)(torch.ops.osp_cuda.hif8_linear_fast_accum.default)
+                check=_when_fast_accum(_cuda_check))(torch.ops.osp_cuda.hif8_linear_fast_accum.default)
 register_kernel("hif8_linear", "cuda", name="HiF8 FP8 tensor cores (cuBLASLt) / Triton decode GEMM",
                 check=_cuda_check)(torch.ops.osp_cuda.hif8_linear.default)
 register_kernel("gelu_hif8_linear", "cuda", name="GELU in the HiF8 quantization + FP8 tensor cores (fast accumulation)",
-                check=_fast_accum_check)(torch.ops.osp_cuda.gelu_hif8_linear_fast_accum.default)
+                check=_when_fast_accum(_cuda_check))(torch.ops.osp_cuda.gelu_hif8_linear_fast_accum.default)
 register_kernel("gelu_hif8_linear", "cuda", name="GELU in the HiF8 quantization + FP8 tensor cores / Triton decode GEMM",
                 check=_cuda_check)(torch.ops.osp_cuda.gelu_hif8_linear.default)
 register_kernel("hif8_linear", "npu", name="torch_npu.npu_quant_matmul (HiF8 x HiF8)",
